@@ -1,0 +1,184 @@
+"""Backend selection rules and the counter-based RNG shared by the Triton kernels and the references."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: kernels run on CPU
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from ciuic_kernels import _backend
+from ciuic_kernels._backend import select_backend
+from ciuic_kernels._rng import seed_keys, uniform_like_reference, uniform_reference, uniform_triton
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("CIUIC_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return monkeypatch
+
+
+# ----------------------------------------------------------------------------------------------
+# select_backend
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unset", [None, "", "auto", " AUTO "], ids=lambda v: f"CIUIC_BACKEND={v!r}")
+def test_default_is_triton_on_cuda_and_reference_on_cpu(clean_env, unset):
+    if unset is not None:
+        clean_env.setenv("CIUIC_BACKEND", unset)
+    assert select_backend(CPU) == "torch"
+    assert select_backend(CUDA) == "triton"
+
+
+def test_environment_torch_forces_the_reference_everywhere(clean_env):
+    clean_env.setenv("CIUIC_BACKEND", "torch")
+    assert select_backend(CPU) == "torch"
+    assert select_backend(CUDA) == "torch"
+    clean_env.setenv("CIUIC_BACKEND", " Torch ")  # the variable is read leniently
+    assert select_backend(CUDA) == "torch"
+
+
+def test_environment_triton_forces_the_kernels(clean_env):
+    clean_env.setenv("CIUIC_BACKEND", "triton")
+    assert select_backend(CPU) == "triton"  # allowed because TRITON_INTERPRET=1
+    assert select_backend(CUDA) == "triton"
+
+
+def test_explicit_argument_wins_over_the_environment(clean_env):
+    clean_env.setenv("CIUIC_BACKEND", "triton")
+    assert select_backend(CUDA, "torch") == "torch"
+    clean_env.setenv("CIUIC_BACKEND", "torch")
+    assert select_backend(CPU, "triton") == "triton"
+    clean_env.setenv("CIUIC_BACKEND", "nonsense")
+    assert select_backend(CPU, "torch") == "torch"  # the bad variable is never consulted
+
+
+@pytest.mark.parametrize("bad", ["cuda", "numpy", "TRITON-X"], ids=lambda v: f"value={v}")
+def test_bad_values_raise_value_error_naming_the_allowed_ones(clean_env, bad):
+    with pytest.raises(ValueError, match=rf"{bad.lower()!r}.*allowed: 'torch', 'triton'"):
+        select_backend(CPU, bad.lower())
+    clean_env.setenv("CIUIC_BACKEND", bad)
+    with pytest.raises(ValueError, match=r"allowed: 'torch', 'triton'"):
+        select_backend(CPU)
+
+
+@pytest.mark.parametrize("interpret", [None, "0", ""], ids=lambda v: f"TRITON_INTERPRET={v!r}")
+def test_triton_on_cpu_without_the_interpreter_raises(clean_env, interpret):
+    if interpret is None:
+        clean_env.delenv("TRITON_INTERPRET")
+    else:
+        clean_env.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_backend(CPU, "triton")
+    assert select_backend(CUDA, "triton") == "triton"  # CUDA needs no interpreter
+    assert select_backend(CPU) == "torch"
+
+
+def test_without_triton_installed(clean_env):
+    clean_env.setattr(_backend, "triton_available", lambda: False)
+    assert select_backend(CUDA) == "torch"  # the default falls back quietly
+    with pytest.raises(RuntimeError, match="triton is not installed"):
+        select_backend(CUDA, "triton")
+
+
+def test_codec_dispatch_follows_the_environment(clean_env):
+    from ciuic_kernels import bitmask
+
+    calls = []
+    clean_env.setattr(bitmask, "encode_reference", lambda x, spec, seed=0: calls.append("torch"))
+    clean_env.setattr(bitmask, "encode_triton", lambda x, spec, seed=0: calls.append("triton"))
+    x = torch.ones(3, dtype=torch.bool)
+    bitmask.encode(x)
+    clean_env.setenv("CIUIC_BACKEND", "triton")
+    bitmask.encode(x)
+    bitmask.encode(x, backend="torch")
+    assert calls == ["torch", "triton", "torch"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter-based RNG
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _uniform_kernel(offsets_ptr, out_ptr, n, k1, k2, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    counter = tl.load(offsets_ptr + offs, mask=mask, other=0)
+    tl.store(out_ptr + offs, uniform_triton(k1, k2, counter), mask=mask)
+
+
+def uniform_from_kernel(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(offsets.numel(), dtype=torch.float32)
+    k1, k2 = seed_keys(seed)
+    block = 1024
+    _uniform_kernel[(triton.cdiv(offsets.numel(), block),)](offsets, out, offsets.numel(), k1, k2, BLOCK=block)
+    return out
+
+
+SEEDS = [0, 1, 12345, 2**32 + 7, 2**63 - 1]
+
+
+@pytest.mark.parametrize("offset_dtype", [torch.int32, torch.int64], ids=lambda d: f"offsets={str(d)[6:]}")
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda s: f"seed={s}")
+def test_uniform_triton_equals_reference_bit_for_bit(seed, offset_dtype):
+    offsets = torch.arange(5000, dtype=torch.int64)
+    if offset_dtype == torch.int64:  # counters past 2**32 wrap the same way in both
+        offsets = torch.cat([offsets, offsets + 2**32 - 2500, offsets + 2**40])
+    offsets = offsets.to(offset_dtype)
+    kernel = uniform_from_kernel(seed, offsets)
+    reference = uniform_reference(seed, offsets)
+    differ = (kernel.view(torch.int32) != reference.view(torch.int32)).nonzero().reshape(-1)
+    assert differ.numel() == 0, f"differ at {differ[:8].tolist()}: {kernel[differ[:8]]} vs {reference[differ[:8]]}"
+    assert (kernel >= 0).all() and (kernel < 1).all()
+    assert kernel.mean().item() == pytest.approx(0.5, abs=6 * math.sqrt(1 / 12 / kernel.numel()))
+
+
+@pytest.mark.parametrize("seed", [0, 99, 2**40 + 3], ids=lambda s: f"seed={s}")
+def test_uniform_statistics(seed):
+    n = 1 << 20
+    u = uniform_like_reference(seed, n).to(torch.float64)
+    assert (u >= 0).all() and (u < 1).all()
+    # mean 1/2 (sd sqrt(1/12/n)), variance 1/12 (sd sqrt((1/80 - 1/144)/n)); 6 sigma bounds
+    assert abs(u.mean().item() - 0.5) < 6 * math.sqrt(1 / 12 / n)
+    assert abs(u.var().item() - 1 / 12) < 6 * math.sqrt((1 / 80 - 1 / 144) / n)
+    # flat histogram: every one of 64 bins within 6 binomial sigma
+    counts = torch.histc(u.float(), bins=64, min=0, max=1)
+    expected = n / 64
+    assert (counts - expected).abs().max().item() < 6 * math.sqrt(expected * (1 - 1 / 64))
+    # neighbouring counters (and the same counter under another seed) are uncorrelated
+    centered = u - 0.5
+    lag1 = (centered[1:] * centered[:-1]).mean().item() * 12
+    other = (uniform_like_reference(seed + 1, n).to(torch.float64) - 0.5) * centered
+    assert abs(lag1) < 6 / math.sqrt(n)
+    assert abs(other.mean().item() * 12) < 6 / math.sqrt(n)
+
+
+def test_uniform_is_a_pure_function_of_seed_and_counter():
+    offsets = torch.tensor([0, 1, 2, 3, 1000, 7])
+    a = uniform_reference(5, offsets)
+    assert torch.equal(a, uniform_reference(5, offsets))
+    assert torch.equal(a[[4, 1]], uniform_reference(5, torch.tensor([1000, 1])))  # order-free
+    assert not torch.equal(a, uniform_reference(6, offsets))
+
+
+def test_torch_rng_state_untouched():
+    before = torch.get_rng_state()
+    uniform_like_reference(3, 10_000)
+    uniform_from_kernel(3, torch.arange(2048))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1", None], ids=lambda v: f"seed={v!r}")
+def test_bad_seeds_raise_value_error(bad):
+    with pytest.raises(ValueError, match=r"seed=.*allowed: a non-negative int"):
+        seed_keys(bad)
