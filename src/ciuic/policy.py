@@ -1,0 +1,214 @@
+"""Which saved tensor gets which codec, and how many bits: the adaptive bit allocation.
+
+Every saved tensor is put in a *class* from the op that saved it and the module it ran in. A class
+lists the precisions it may get (``EXACT`` or a bit width), most precise first: the calibration data
+in ``shared/research/activation-sensitivity.md`` (and our own runs) show attention's saved q/k/v/out
+and the loss need about 8 bits, softmax statistics must stay exact, while linear-layer inputs,
+norm inputs and elementwise tensors tolerate 2-4 bits.
+
+The plan is solved jointly over all tensors of a forward pass, as GACT does (Liu et al., ICML 2022):
+each candidate precision has a byte cost (payload + scales, exactly as the codec stores it) and a
+sensitivity = class weight x the mean squared gradient flowing out of the module that saved the
+tensor x the expected squared quantization error of the tensor at that precision (sum over groups
+of G * step**2 / 12, step = group range / (2**bits - 1)). Starting from the most precise choice of
+every tensor, a greedy loop applies the downgrade with the smallest sensitivity increase per byte
+saved until the pass fits the mode's byte budget. Because effects do not add up across classes, the
+weights keep the sensitive classes high even when the budget is tight.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+EXACT = 0  # "level" meaning: keep the tensor as it is
+
+# class -> allowed levels, most precise first
+CLASS_LEVELS: dict[str, tuple[int, ...]] = {
+    "attention": (EXACT, 8),
+    "attention_stats": (EXACT,),
+    "loss": (EXACT, 8),
+    "softmax": (EXACT, 8),
+    "linear_input": (EXACT, 8, 4, 2),
+    "conv_input": (EXACT, 8, 4, 2),
+    "norm": (EXACT, 8, 4, 2),
+    "elementwise": (EXACT, 8, 4, 2),
+}
+
+# Relative weight of a unit of squared error, per class (elementwise tensors feed derivatives of
+# nonlinearities directly, so their errors cost more than a linear layer's input; see the research
+# note: MLP elementwise at 2 bits alone +0.7%, linear inputs at 2 bits alone -0.7%).
+CLASS_WEIGHTS: dict[str, float] = {
+    "attention": 8.0,
+    "attention_stats": 1.0,
+    "loss": 8.0,
+    "softmax": 8.0,
+    "linear_input": 1.0,
+    "conv_input": 1.0,
+    "norm": 1.5,
+    "elementwise": 3.0,
+}
+
+# The precision used before the first calibration (and for tensors the plan has not seen).
+DEFAULT_LEVEL = 8
+
+_ATTENTION_OPS = {
+    "scaled_dot_product_attention",
+    "_scaled_dot_product_attention_math",
+    "flash_attn_func",
+    "flex_attention",
+}
+_LOSS_OPS = {"cross_entropy", "log_softmax", "nll_loss", "linear_cross_entropy", "binary_cross_entropy_with_logits"}
+_SOFTMAX_OPS = {"softmax", "_softmax"}
+_MATMUL_OPS = {"matmul", "bmm", "baddbmm", "einsum", "__matmul__", "mm"}
+_LINEAR_OPS = {"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "einsum", "__matmul__"}
+_CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+_NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"}
+
+
+def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor) -> str:
+    """The class of a saved floating tensor, from the op saving it and the enclosing modules."""
+    in_attention = any("attention" in c.lower() or c.lower().endswith("attn") for c in module_classes[-2:])
+    if op in _ATTENTION_OPS:
+        # q, k, v, out are 4-d (batch, heads, seq, head_dim); anything else (logsumexp, seeds) is
+        # a softmax statistic that must stay exact (research: logsumexp at 2 bits, +47% loss).
+        return "attention" if t.dim() == 4 else "attention_stats"
+    if op in _LOSS_OPS:
+        return "loss"
+    if op in _SOFTMAX_OPS:
+        return "softmax"
+    if op in _MATMUL_OPS and in_attention:
+        return "attention"  # eager attention: q @ k^T and probs @ v
+    if op in _LINEAR_OPS:
+        return "linear_input"
+    if op in _CONV_OPS:
+        return "conv_input"
+    innermost = module_classes[-1].lower() if module_classes else ""
+    if op in _NORM_OPS or innermost.endswith("norm") or "layernorm" in innermost or "rmsnorm" in innermost:
+        return "norm"
+    if in_attention:
+        return "attention" if t.dim() == 4 else "elementwise"
+    return "elementwise"
+
+
+def quant_nbytes(numel: int, bits: int, group_size: int) -> int:
+    """Bytes the quant codec keeps: packed payload + bf16 minimum and uint8 scale code per group
+    + one fp32 reference scale (must match ``ciuic_kernels.quant``)."""
+    groups = -(-numel // group_size)
+    return -(-numel * bits // 8) + 3 * groups + 4
+
+
+def level_nbytes(level: int, numel: int, element_size: int, group_size: int) -> int:
+    if level == EXACT:
+        return numel * element_size
+    return quant_nbytes(numel, level, group_size)
+
+
+def expected_sq_error(group_ranges_sq_sum: float, group_size: int, level: int) -> float:
+    """Expected sum of squared round-to-nearest errors: sum_g G * (range_g / qmax)**2 / 12."""
+    if level == EXACT:
+        return 0.0
+    qmax = (1 << level) - 1
+    return group_size * group_ranges_sq_sum / (12.0 * qmax * qmax)
+
+
+@dataclass
+class Site:
+    """One saved tensor of a forward pass, as seen during calibration."""
+
+    key: tuple
+    cls: str
+    module: str
+    numel: int
+    element_size: int
+    group_ranges_sq_sum: float  # sum over groups of (max - min)**2
+    gradient_weight: float = 1.0  # squared output gradient of the consuming modules (after backward)
+    consumers: list = field(default_factory=list)  # modules whose ops saved this tensor
+
+    def __post_init__(self) -> None:
+        if not self.consumers:
+            self.consumers.append(self.module)
+
+    def levels(self) -> tuple[int, ...]:
+        return CLASS_LEVELS[self.cls]
+
+    def cost(self, level: int, group_size: int) -> int:
+        return level_nbytes(level, self.numel, self.element_size, group_size)
+
+    def sensitivity(self, level: int, group_size: int) -> float:
+        return (
+            CLASS_WEIGHTS[self.cls]
+            * self.gradient_weight
+            * expected_sq_error(self.group_ranges_sq_sum, group_size, level)
+        )
+
+
+@dataclass
+class Plan:
+    """Chosen level per site key, and what the solver expects the pass to cost."""
+
+    levels: dict = field(default_factory=dict)
+    planned_bytes: int = 0
+    budget_bytes: int = 0
+    feasible: bool = True
+
+    def level_for(self, key: tuple, cls: str) -> int:
+        level = self.levels.get(key)
+        if level is None or level not in CLASS_LEVELS[cls]:
+            allowed = CLASS_LEVELS[cls]
+            return DEFAULT_LEVEL if DEFAULT_LEVEL in allowed else allowed[0]
+        return level
+
+
+def solve(sites: list[Site], budget_bytes: float, group_size: int) -> Plan:
+    """Greedy joint bit allocation: cheapest sensitivity increase per byte saved, until it fits."""
+    levels = {s.key: s.levels()[0] for s in sites}
+    index = {s.key: 0 for s in sites}
+    total = sum(s.cost(levels[s.key], group_size) for s in sites)
+    heap: list = []
+
+    def push(site: Site) -> None:
+        i = index[site.key]
+        allowed = site.levels()
+        if i + 1 >= len(allowed):
+            return
+        cur, nxt = allowed[i], allowed[i + 1]
+        saved = site.cost(cur, group_size) - site.cost(nxt, group_size)
+        if saved <= 0:
+            return
+        added = site.sensitivity(nxt, group_size) - site.sensitivity(cur, group_size)
+        heapq.heappush(heap, (max(added, 0.0) / saved, id(site), site))
+
+    for s in sites:
+        push(s)
+    while total > budget_bytes and heap:
+        _, _, site = heapq.heappop(heap)
+        i = index[site.key]
+        allowed = site.levels()
+        total -= site.cost(allowed[i], group_size) - site.cost(allowed[i + 1], group_size)
+        index[site.key] = i + 1
+        levels[site.key] = allowed[i + 1]
+        push(site)
+    return Plan(levels=levels, planned_bytes=int(total), budget_bytes=int(budget_bytes),
+                feasible=total <= budget_bytes)
+
+
+def group_ranges_sq_sum(t: torch.Tensor, group_size: int) -> float:
+    """Sum over quantization groups of (max - min)**2 over finite values (for error estimates)."""
+    flat = t.detach().reshape(-1).float()
+    n = flat.numel()
+    if n == 0:
+        return 0.0
+    pad = (-n) % group_size
+    if pad:
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    g = flat.view(-1, group_size)
+    finite = torch.isfinite(g)
+    if not bool(finite.all()):
+        g = torch.where(finite, g, torch.zeros((), dtype=g.dtype))
+    rng = g.amax(dim=1) - g.amin(dim=1)
+    value = float(rng.square().sum())
+    return value if math.isfinite(value) else float("inf")
