@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import MODES, CompressionConfig, parse_bytes
 from .engine import CompressionStats, Engine, keep_exact, reset_stats, stats
+from .lm_head import SUPPORTED_MODEL_TYPES, apply_lean_lm_head, linear_cross_entropy, remove_lean_lm_head
 
 __version__ = "0.1.0"
 
@@ -101,16 +102,17 @@ def enable_from_env() -> CompressionConfig | None:
 def _prepare_model(model: Any, config: CompressionConfig) -> None:
     if not config.lean_lm_head or config.mode == "lossless":
         return
-    try:
-        from .lm_head import apply_lean_lm_head, supports_lean_lm_head
-    except ImportError:
-        return
-    if supports_lean_lm_head(model):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in SUPPORTED_MODEL_TYPES:
         apply_lean_lm_head(model)
 
 
 __all__ = [
     "MODES",
+    "SUPPORTED_MODEL_TYPES",
+    "apply_lean_lm_head",
+    "linear_cross_entropy",
+    "remove_lean_lm_head",
     "CompressionConfig",
     "CompressionStats",
     "compression",
