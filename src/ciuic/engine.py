@@ -27,7 +27,7 @@ from ciuic_kernels import Packed, QuantSpec
 from ciuic_kernels.specs import BitmaskSpec
 
 from .config import CompressionConfig
-from .policy import EXACT, Plan, Site, classify, group_ranges_sq_sum, solve
+from .policy import CLASS_LEVELS, EXACT, Plan, Site, classify, group_ranges_sq_sum, solve
 
 _tls = threading.local()
 
@@ -197,72 +197,62 @@ class _ParamCast:
             return full if self.view is None else full.as_strided(*self.view)
 
 
-class _Layout:
-    """How to turn the packed (dense, memory-ordered) data back into the saved tensor's layout."""
+def _source(t: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+    """What to compress for saved tensor ``t``, and how to rebuild ``t`` from its decode.
 
-    __slots__ = ("shape", "permutation", "expand_shape")
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.expand_shape = None
-        self.permutation = None
-        self.shape = t.shape
-
-    @staticmethod
-    def dense_source(t: torch.Tensor) -> tuple[torch.Tensor, "_Layout"]:
-        """A dense tensor holding exactly ``t``'s data (no copy when possible) and the layout."""
-        layout = _Layout(t)
-        if t.dim() and any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape)):
-            # broadcast (expanded) tensor: store one copy of the broadcast dims
-            index = tuple(slice(0, 1) if st == 0 and sz > 1 else slice(None)
-                          for st, sz in zip(t.stride(), t.shape))
-            layout.expand_shape = t.shape
-            t = t[index]
-        if t.dim() > 1 and not t.is_contiguous():
-            perm = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d]))
-            permuted = t.permute(perm)
-            if permuted.is_contiguous():
-                layout.permutation = perm
-                t = permuted
-            else:
-                t = t.contiguous()
-        layout.shape = t.shape
-        return t, layout
-
-    def restore(self, dense: torch.Tensor) -> torch.Tensor:
-        t = dense.view(self.shape) if dense.shape != self.shape else dense
-        if self.permutation is not None:
-            inverse = [0] * len(self.permutation)
-            for i, p in enumerate(self.permutation):
-                inverse[p] = i
-            t = t.permute(inverse)
-        if self.expand_shape is not None:
-            t = t.expand(self.expand_shape)
-        return t
+    When ``t`` covers its whole storage (contiguous, transposed, permuted or broadcast views:
+    SDPA's output and the o_proj input that is its reshape are one storage), the storage itself is
+    packed as a flat tensor and every view of it is rebuilt with ``as_strided``: one pack per
+    storage, like the memory the uncompressed run holds. A view of part of a larger storage is
+    packed on its own (copied dense). Returns (dense tensor, view or None)."""
+    storage = t.untyped_storage()
+    size = t.element_size()
+    if storage.nbytes() % size == 0 and storage.nbytes() <= t.numel() * size:
+        flat = torch.empty(0, dtype=t.dtype, device=t.device)
+        flat.set_(storage, 0, (storage.nbytes() // size,), (1,))
+        return flat, (tuple(t.shape), t.stride(), t.storage_offset())
+    return t.contiguous().view(-1), (tuple(t.shape), None, 0)
 
 
 class _Pack:
-    """A compressed saved tensor, shared by every op that saved the same tensor."""
+    """A compressed storage (or dense copy of a partial view), shared by every op that saved it."""
 
-    __slots__ = ("packed", "layout", "level", "cls", "uses", "_decoded", "__weakref__")
+    __slots__ = ("packed", "level", "cls", "uses", "_decoded", "__weakref__")
 
-    def __init__(self, packed: Packed, layout: _Layout, level: int, cls: str) -> None:
+    def __init__(self, packed: Packed, level: int, cls: str) -> None:
         self.packed = packed
-        self.layout = layout
         self.level = level
         self.cls = cls
-        self.uses = 1
+        self.uses = 0
         self._decoded = None
 
-    def unpack(self) -> torch.Tensor:
+    def decode(self) -> torch.Tensor:
         # Several consumers (q/k/v projections) unpack the same pack one after the other in
         # backward: decode once, keep the result until the last of them has it.
         out = self._decoded
         if out is None:
             with torch.no_grad():
-                out = self.layout.restore(ciuic_kernels.decode(self.packed))
+                out = ciuic_kernels.decode(self.packed)
         self.uses -= 1
         self._decoded = out if self.uses > 0 else None
         return out
+
+
+class _View:
+    """What pack returns for one saved tensor: its pack and the view to rebuild from the decode."""
+
+    __slots__ = ("pack", "shape", "stride", "offset", "__weakref__")
+
+    def __init__(self, pack: _Pack, view: tuple) -> None:
+        self.pack = pack
+        self.shape, self.stride, self.offset = view
+        pack.uses += 1
+
+    def unpack(self) -> torch.Tensor:
+        flat = self.pack.decode()
+        if self.stride is None:
+            return flat.view(self.shape)
+        return flat.as_strided(self.shape, self.stride, self.offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,6 +353,7 @@ class Engine:
         self.config = config
         self.plan = Plan()
         self.passes = 0
+        self._solved = False
         self._calibrating = config.mode != "lossless"
         self._sites: dict[tuple, Site] = {}
         self._gradients: dict[str, float] = {}
@@ -411,6 +402,8 @@ class Engine:
 
     # -- passes and calibration ------------------------------------------------------------------
     def _begin_pass(self) -> None:
+        if not torch.is_grad_enabled():
+            return  # an evaluation forward saves nothing: it is not a training pass
         if self.passes and self._sites and self._calibrating:
             self._solve()
         self.passes += 1
@@ -422,7 +415,7 @@ class Engine:
         self._pass_fixed_after = 0
         every = self.config.recalibrate_every
         self._calibrating = self.config.mode != "lossless" and (
-            self.passes == 1 or (every > 0 and (self.passes - 1) % every == 0)
+            not self._solved or (every > 0 and (self.passes - 1) % every == 0)
         )
         if self._calibrating:
             self._sites = {}
@@ -453,6 +446,7 @@ class Engine:
         budget = target - self._pass_fixed_after
         self.plan = solve(sites, budget, self.config.group_size)
         self._calibrating = False
+        self._solved = True
 
     # -- pack / unpack ---------------------------------------------------------------------------
     def _pack(self, t: torch.Tensor) -> Any:
@@ -470,54 +464,39 @@ class Engine:
             st.in_codec = False
 
     def _pack_counted(self, t: torch.Tensor, op: str, module: str, modules: list) -> Any:
-        nbytes = t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        skey = (storage.data_ptr(), storage.nbytes(), t.device)
         param = _param_source(t) if t.is_floating_point() else None
         if param is not None:
             handle = _ParamCast(param, t)
-            self._account(handle, module, "param_cast", "param_cast", nbytes, 0, fixed=True)
+            before = self._first_sight(skey, t, storage.nbytes())
+            self._account(handle, module, "param_cast", "param_cast", before, 0, fixed=True)
             return handle
-
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
-               t._version, t.dtype)
-        hit = self._cache.get(key)
-        if hit is not None:
-            original, handle = hit[0](), hit[1]()
-            # The original being alive proves its storage was not freed and reused: a hit is real.
-            if original is not None and handle is not None:
-                if isinstance(handle, _Pack):
-                    handle.uses += 1
-                    self._maybe_upgrade(handle, t, op, modules)
-                site = self._sites.get(hit[2]) if self._calibrating else None
-                if site is not None and module not in site.consumers:
-                    site.consumers.append(module)  # its error reaches this module's gradient too
-                return handle
 
         kept = self._keep_reason(t, modules)
         if kept is not None:
-            self._account(t, module, "raw", kept, nbytes, nbytes, fixed=True)
-            self._remember(key, t, t)
+            before = self._first_sight(skey, t, storage.nbytes())
+            if before:
+                self._account(t, module, "raw", kept, before, before, fixed=True)
             return t
         if t.dtype == torch.bool:
-            return self._store(t, key, BitmaskSpec(), 1, "mask", module, nbytes)
+            return self._store(t, BitmaskSpec(), 1, "mask", module, None)
 
         cls = classify(op, tuple(c for _, c in modules), t)
-        site_key = self._site_key(module, op)
         if self.config.mode == "lossless":
-            level = EXACT
-        elif self._calibrating:
-            level = self.plan.level_for(site_key, cls)
-            self._sites[site_key] = Site(
-                key=site_key, cls=cls, module=module, numel=t.numel(), element_size=t.element_size(),
-                group_ranges_sq_sum=group_ranges_sq_sum(t, self.config.group_size),
-            )
-        else:
-            level = self.plan.level_for(site_key, cls)
-        if level == EXACT:
-            self._account(t, module, "raw", cls, nbytes, nbytes, fixed=self.config.mode == "lossless")
-            self._remember(key, t, t, site_key)
+            before = self._first_sight(skey, t, storage.nbytes())
+            if before:
+                self._account(t, module, "raw", cls, before, before, fixed=True)
             return t
-        spec = QuantSpec(level, self.config.group_size, self.config.rounding)
-        return self._store(t, key, spec, level, cls, module, nbytes, site_key)
+        return self._store(t, None, None, cls, module, op)
+
+    def _first_sight(self, skey: tuple, t: torch.Tensor, nbytes: int) -> int:
+        """``nbytes`` the first time a live storage is saved in this pass, else 0 (counted once)."""
+        seen = self._cache.get(("seen",) + skey)
+        if seen is not None and seen[0]() is not None:
+            return 0
+        self._remember(("seen",) + skey, t, t)
+        return nbytes
 
     def _keep_reason(self, t: torch.Tensor, modules: list) -> str | None:
         if not (t.is_floating_point() or t.dtype == torch.bool):
@@ -545,38 +524,73 @@ class Engine:
         self._seed_counter = getattr(self, "_seed_counter", 0) + 1
         return (self.config.seed << 32) + self._seed_counter
 
-    def _store(self, t: torch.Tensor, key: tuple, spec: Any, level: int, cls: str, module: str,
-               nbytes: int, site_key: tuple | None = None) -> _Pack:
-        with torch.no_grad():
-            dense, layout = _Layout.dense_source(t.detach())
-            packed = ciuic_kernels.encode(dense, spec, seed=self._seed())
-        pack = _Pack(packed, layout, level, cls)
-        codec = packed.codec if packed.codec != "quant" else f"int{level}"
-        self._account(pack, module, codec, cls, nbytes, packed.nbytes, fixed=level == 1)
-        self._remember(key, t, pack, site_key)
-        return pack
+    def _store(self, t: torch.Tensor, spec: Any, level: int | None, cls: str, module: str,
+               op: str | None) -> Any:
+        """Pack ``t``'s storage once (or reuse the pack of an earlier save of it); return a view."""
+        dense, view = _source(t.detach())
+        key = ("pack", dense.untyped_storage().data_ptr(), dense.storage_offset(), dense.numel(),
+               dense.dtype, dense.device, t._version)
+        hit = self._cache.get(key)
+        if hit is not None:
+            original, pack = hit[0](), hit[1]()
+            # The original being alive proves its storage was not freed and reused: a hit is real.
+            if original is not None and pack is not None:
+                if isinstance(pack, torch.Tensor):
+                    return t  # kept exact: its storage is already held (and counted)
+                if op is not None:
+                    self._maybe_upgrade(pack, dense, op, t, modules=_state().modules)
+                    site = self._sites.get(hit[2]) if self._calibrating else None
+                    if site is not None and module not in site.consumers:
+                        site.consumers.append(module)  # its error reaches this module's gradient too
+                return _View(pack, view)
 
-    def _maybe_upgrade(self, pack: _Pack, t: torch.Tensor, op: str, modules: list) -> None:
+        site_key = None
+        if spec is None:  # a float activation: the plan decides
+            site_key = self._site_key(module, op)
+            level = self.plan.level_for(site_key, cls)
+            if self._calibrating:
+                self._sites[site_key] = Site(
+                    key=site_key, cls=cls, module=module, numel=dense.numel(),
+                    element_size=dense.element_size(),
+                    group_ranges_sq_sum=group_ranges_sq_sum(dense, self.config.group_size),
+                )
+            if level == EXACT:
+                before = dense.numel() * dense.element_size()
+                self._account(t, module, "raw", cls, before, before, fixed=False)
+                self._remember(key, t, t, site_key)
+                self._remember(("seen", dense.untyped_storage().data_ptr(),
+                                dense.untyped_storage().nbytes(), t.device), t, t)
+                return t
+            spec = QuantSpec(level, self.config.group_size, self.config.rounding)
+        with torch.no_grad():
+            packed = ciuic_kernels.encode(dense, spec, seed=self._seed())
+        pack = _Pack(packed, level, cls)
+        codec = packed.codec if packed.codec != "quant" else f"int{level}"
+        self._account(pack, module, codec, cls, dense.numel() * dense.element_size(), packed.nbytes,
+                      fixed=site_key is None)
+        self._remember(key, t, pack, site_key)
+        return _View(pack, view)
+
+    def _maybe_upgrade(self, pack: "_Pack", dense: torch.Tensor, op: str, t: torch.Tensor,
+                       modules: list) -> None:
         """A tensor packed for a robust op is now also saved by a sensitive one: re-pack finer."""
-        if pack.level in (EXACT, 1):
+        if not isinstance(pack, _Pack) or pack.level in (EXACT, 1):
             return
         cls = classify(op, tuple(c for _, c in modules), t)
-        from .policy import CLASS_LEVELS
-
-        finest = [lv for lv in CLASS_LEVELS[cls] if lv != EXACT]
-        if finest and finest[0] > pack.level and pack.level not in CLASS_LEVELS[cls]:
-            level = finest[0] if len(CLASS_LEVELS[cls]) > 1 else EXACT
-            if level == EXACT:
-                return
-            with torch.no_grad():
-                dense, _ = _Layout.dense_source(t.detach())
-                new = ciuic_kernels.encode(dense, QuantSpec(level, self.config.group_size,
-                                                            self.config.rounding), seed=self._seed())
-            delta = new.nbytes - pack.packed.nbytes
-            pack.packed, pack.level = new, level
-            with _stats_lock:
-                _stats.bytes_after += delta
-                _stats.live_after += delta
+        allowed = CLASS_LEVELS[cls]
+        if pack.level in allowed:
+            return
+        finer = [lv for lv in allowed if lv != EXACT and lv > pack.level]
+        if not finer:
+            return
+        with torch.no_grad():
+            new = ciuic_kernels.encode(dense, QuantSpec(finer[-1], self.config.group_size,
+                                                        self.config.rounding), seed=self._seed())
+        delta = new.nbytes - pack.packed.nbytes
+        pack.packed, pack.level = new, finer[-1]
+        with _stats_lock:
+            _stats.bytes_after += delta
+            _stats.live_after += delta
 
     def _remember(self, key: tuple, t: torch.Tensor, handle: Any, site_key: tuple | None = None) -> None:
         # Weak references only: the cache must never keep a tensor or a pack alive after backward.
