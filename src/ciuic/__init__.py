@@ -126,3 +126,16 @@ __all__ = [
     "reset_stats",
     "stats",
 ]
+
+
+def _register_integrations() -> None:
+    # Lightning has no plugin discovery: make Trainer(strategy="ciuic") work after `import ciuic`
+    # alone, without importing lightning here (registration happens when lightning is imported).
+    try:
+        from ciuic_integrations import _register_lazy
+    except ImportError:  # a partial install without the integrations package
+        return
+    _register_lazy()
+
+
+_register_integrations()

@@ -75,9 +75,10 @@ class RunResult:
     saved_bytes: int = 0  # bytes kept for backward in one forward (measured on the last step)
     seconds: float = 0.0
     stats: dict = field(default_factory=dict)
+    model: Any = None  # the trained model, only with train_charlm(..., keep_model=True)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "model"}
 
 
 def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,8 @@ def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: int = 128,
                  lr: float = 2e-3, dtype: str = "fp32", seed: int = 0, eval_batches: int = 20,
                  model_kwargs: dict | None = None, data: tuple | None = None,
-                 progress: Callable[[int, float], None] | None = None) -> RunResult:
+                 progress: Callable[[int, float], None] | None = None,
+                 keep_model: bool = False) -> RunResult:
     """Train the tiny LLaMA on stdlib bytes; ``mode=None`` is the uncompressed baseline.
 
     Same seed => same initial weights and the same batches for every mode.
@@ -131,7 +133,7 @@ def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: in
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        result.train_losses.append(float(loss))
+        result.train_losses.append(float(loss.detach()))
         if progress is not None:
             progress(step, float(loss))
     result.seconds = time.perf_counter() - start
@@ -142,4 +144,6 @@ def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: in
     result.eval_loss = sum(losses) / len(losses)
     if mode is not None:
         result.stats = ciuic.stats().to_dict()
+    if keep_model:
+        result.model = model
     return result
