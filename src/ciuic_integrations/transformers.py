@@ -1,0 +1,158 @@
+"""Hugging Face Trainer: a ``--ciuic MODE`` training argument, as ``--use_liger_kernel`` is one.
+
+The one line a script adds (everything else, including ``HfArgumentParser(TrainingArguments)``,
+stays as it is)::
+
+    from ciuic_integrations.transformers import CiuicTrainer as Trainer, CiuicTrainingArguments as TrainingArguments
+
+    python train.py --ciuic 4:1 ...           # compression on
+    python train.py ...                       # nothing is hooked
+
+``CiuicTrainingArguments`` adds ``ciuic`` (mode: ``lossless``, ``2:1``, ``4:1``, ``8:1``, ``auto``;
+default None = off) and ``ciuic_config`` (a dict, or JSON on the command line, of further
+``ciuic.CompressionConfig`` options, e.g. ``'{"mode": "auto", "budget": "12GB"}'``).
+
+``CiuicTrainer`` compresses inside ``compute_loss_context_manager``: exactly each training
+micro-batch's forward, however many gradient-accumulation steps there are. Evaluation, prediction
+and ``generate`` run without grad and are never hooked. The engine exists only while ``train()``
+runs; so does ciuic's preparation of the model (the memory-lean LM head of causal LMs, which never
+builds the full logits; ``ciuic_config={"lean_lm_head": false}`` skips it), except under mixed
+precision, where accelerate wraps the forward on top of it: it then stays, acting only in training
+forwards with labels.
+
+For a trainer class you cannot swap (e.g. a TRL trainer), ``CiuicCallback`` does the same with any
+``Trainer``: ``trainer.add_callback(CiuicCallback("4:1"))`` (or ``CiuicCallback()`` to follow
+``args.ciuic``). It opens the engine in ``on_step_begin`` and closes it in ``on_step_end``, which
+spans every micro-batch of an optimizer step and nothing else; it does not patch the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._common import CompressionSession, require, resolve_config
+
+_transformers = require("transformers", "transformers")
+TrainingArguments = _transformers.TrainingArguments
+Trainer = _transformers.Trainer
+TrainerCallback = _transformers.TrainerCallback
+
+
+@dataclass
+class CiuicTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with ``--ciuic MODE`` and ``--ciuic_config JSON``."""
+
+    ciuic: str | None = field(
+        default=None,
+        metadata={
+            "help": "Compress the activations saved for backward with ciuic: lossless, 2:1, 4:1, 8:1 "
+            "or auto (with a budget in --ciuic_config). Default: off."
+        },
+    )
+    ciuic_config: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Further ciuic.CompressionConfig options as a JSON object, e.g. "
+            "'{\"budget\": \"12GB\"}' or '{\"group_size\": 128, \"lean_lm_head\": false}'."
+        },
+    )
+
+    # TrainingArguments parses these fields from JSON strings in __post_init__.
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "ciuic_config"]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.ciuic_compression_config  # a bad mode or option fails at parse time, not mid-training
+
+    @property
+    def ciuic_compression_config(self) -> Any:
+        """The ``ciuic.CompressionConfig`` these arguments ask for, or None (compression off)."""
+        return resolve_config(self.ciuic, self.ciuic_config)
+
+
+def _config_from_args(args: Any) -> Any:
+    return resolve_config(getattr(args, "ciuic", None), getattr(args, "ciuic_config", None))
+
+
+class CiuicTrainer(Trainer):
+    """``transformers.Trainer`` that compresses saved activations when ``args.ciuic`` is set (or
+    ``ciuic=`` is given here: a mode string, a dict of options or a ``CompressionConfig``, which
+    takes precedence over the arguments). With neither, it is exactly the stock ``Trainer``."""
+
+    def __init__(self, *args: Any, ciuic: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ciuic_config = resolve_config(ciuic) if ciuic is not None else _config_from_args(self.args)
+        self._ciuic: CompressionSession | None = None
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.ciuic_config is None:
+            return super().train(*args, **kwargs)
+        # With model_init, train() builds a new model: only the engine is set up here.
+        model = self.model if self.model_init is None else None
+        session = CompressionSession(self.ciuic_config, model=model)
+        forward_before = self.model.__dict__.get("forward")
+        # Before accelerate prepares the model, so that its autocast wrapper sits outside
+        # ciuic's preparation of the forward.
+        session.prepare()
+        patched_forward = self.model.__dict__.get("forward")
+        self._ciuic = session
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._ciuic = None
+            session.close()
+            if patched_forward is not forward_before and self.model.__dict__.get("forward") is patched_forward:
+                _unprepare_model(self.model)
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:
+        stack = super().compute_loss_context_manager()
+        if self._ciuic is not None and self.model.training:
+            stack.enter_context(self._ciuic.step())
+        return stack
+
+
+def _unprepare_model(model: Any) -> None:
+    """Undo what ``ciuic.compression(model=...)`` did to a Hugging Face model (its lean LM head)."""
+    try:
+        from ciuic.lm_head import remove_lean_lm_head
+    except ImportError:
+        return
+    remove_lean_lm_head(model)
+
+
+class CiuicCallback(TrainerCallback):
+    """Compression for any ``Trainer``, from ``on_step_begin`` to ``on_step_end``.
+
+    ``mode`` (and keyword ``CompressionConfig`` options) as for ``ciuic.compression``; without
+    them the callback follows ``args.ciuic`` / ``args.ciuic_config`` and does nothing when unset.
+    """
+
+    def __init__(self, mode: Any = None, **options: Any) -> None:
+        self.ciuic_config = resolve_config(mode, options) if mode is not None or options else None
+        self._session: CompressionSession | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        config = self.ciuic_config if self.ciuic_config is not None else _config_from_args(args)
+        self._session = CompressionSession(config) if config is not None else None
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._session is not None and not self._session.engine.active:
+            self._session.engine.__enter__()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._leave()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # A run stopped between micro-batches never reaches on_step_end.
+        if self._session is not None:
+            self._session.close()
+        self._session = None
+
+    def _leave(self) -> None:
+        if self._session is not None and self._session.engine.active:
+            self._session.engine.__exit__(None, None, None)
+
+
+__all__ = ["CiuicCallback", "CiuicTrainer", "CiuicTrainingArguments"]
