@@ -30,6 +30,7 @@ from .config import CompressionConfig
 from .policy import CLASS_LEVELS, EXACT, Plan, Site, classify, group_ranges_sq_sum, solve
 
 _tls = threading.local()
+_RECOMPUTE_CLASSES = ("elementwise", "linear_input", "conv_input", "norm")
 
 
 def _state() -> Any:
@@ -258,18 +259,50 @@ class _View:
 # ----------------------------------------------------------------------------------------------
 # Op and module tracking
 # ----------------------------------------------------------------------------------------------
+# Cheap elementwise ops whose output ciuic can rebuild in backward from inputs it already keeps
+# (SwiGLU's silu(gate) and silu(gate) * up, GELU's output that feeds the next linear layer):
+# storing nothing beats storing 2 bits. Never used by "lossless" (a recompute is not bit-exact
+# in every kernel) nor for the sensitive classes (attention, softmax, loss).
+_RECOMPUTABLE = {"silu", "gelu", "relu", "sigmoid", "tanh", "mul", "__mul__", "__rmul__", "multiply"}
+
+
 class _OpTracker(TorchFunctionMode):
-    """Remembers which torch function is running, so pack knows which op saves a tensor."""
+    """Remembers which torch function is running, so pack knows which op saves a tensor, and
+    notes how the outputs of cheap elementwise ops were made (see ``_RECOMPUTABLE``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         st = _state()
+        kwargs = kwargs or {}
         if st.in_codec or st.op:
-            return func(*args, **(kwargs or {}))
-        st.op = getattr(func, "__name__", "")
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        st.op = name
         try:
-            return func(*args, **(kwargs or {}))
+            result = func(*args, **kwargs)
         finally:
             st.op = ""
+        if name in _RECOMPUTABLE and st.engines and type(result) is torch.Tensor and result.requires_grad:
+            st.engines[-1]._note_recipe(func, args, kwargs, result)
+        return result
+
+
+class _Recompute:
+    """A saved tensor rebuilt in backward by re-running a cheap op on inputs ciuic keeps."""
+
+    __slots__ = ("func", "args", "kwargs", "dtype", "view", "sites", "__weakref__")
+
+    def __init__(self, func: Any, args: list, kwargs: dict, dtype: torch.dtype, view: tuple | None,
+                 sites: tuple = ()):
+        self.func, self.args, self.kwargs, self.dtype, self.view = func, args, kwargs, dtype, view
+        self.sites = sites  # plan sites of the packs it is rebuilt from (their errors reach it)
+
+    def unpack(self) -> torch.Tensor:
+        args = [a.unpack() if isinstance(a, (_View, _ParamCast, _Recompute)) else a for a in self.args]
+        with torch.no_grad():
+            out = self.func(*args, **self.kwargs)
+        if out.dtype != self.dtype:
+            out = out.to(self.dtype)
+        return out if self.view is None else out.as_strided(*self.view)
 
 
 _module_names: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -358,7 +391,8 @@ class Engine:
         self._sites: dict[tuple, Site] = {}
         self._gradients: dict[str, float] = {}
         self._counters: dict[tuple, int] = {}
-        self._cache: dict[tuple, tuple[weakref.ref, _Pack]] = {}
+        self._cache: dict[tuple, tuple] = {}
+        self._recipes: dict[int, tuple] = {}
         self._pass_before = 0
         self._pass_fixed_after = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -395,6 +429,7 @@ class Engine:
         _release_module_hooks()
         self._entered = False
         self._cache.clear()
+        self._recipes.clear()
 
     @property
     def active(self) -> bool:
@@ -411,6 +446,7 @@ class Engine:
             _stats.passes += 1
         self._counters.clear()
         self._cache.clear()
+        self._recipes.clear()
         self._pass_before = 0
         self._pass_fixed_after = 0
         every = self.config.recalibrate_every
@@ -520,6 +556,105 @@ class Engine:
         self._counters[base] = n + 1
         return (module, op, n)
 
+    def _note_recipe(self, func: Any, args: tuple, kwargs: dict, result: torch.Tensor) -> None:
+        """Right after a cheap op ran: remember how to rebuild ``result`` from what ciuic keeps.
+
+        The inputs are resolved now, while they are alive (they may be freed, as Python objects,
+        before ``result`` is saved): each must be a parameter, a tensor kept exact, a pack, or
+        itself recomputable. Only weak references are held, so nothing is kept alive."""
+        if self.config.mode == "lossless" or not torch.is_grad_enabled():
+            return
+        sources = []
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                if not a.is_floating_point():
+                    return
+                source = self._source_of(a)
+                if source is None:
+                    return
+                sources.append(source)
+            elif isinstance(a, (int, float, bool)) or a is None:
+                sources.append(("const", a))
+            else:
+                return
+        if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return
+        if not result.is_contiguous() or result.storage_offset() != 0:
+            return  # views of the recomputed (contiguous) result are rebuilt with as_strided
+        if len(self._recipes) > 4096:
+            self._recipes = {k: v for k, v in self._recipes.items() if v[0]() is not None}
+        self._recipes[id(result)] = (weakref.ref(result), result._version, func, sources, dict(kwargs))
+
+    def _source_of(self, a: torch.Tensor) -> tuple | None:
+        """Where backward can get ``a`` back without storing it again, as a weak description."""
+        if isinstance(a, torch.nn.Parameter) or isinstance(a._base, torch.nn.Parameter):
+            return ("const", a)  # alive anyway
+        param = _param_source(a)
+        if param is not None:
+            return ("const", _ParamCast(param, a))
+        dense, view = _source(a.detach())
+        storage = dense.untyped_storage()
+        key = ("pack", storage.data_ptr(), dense.storage_offset(), dense.numel(), dense.dtype,
+               dense.device, a._version)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0]() is not None and hit[1]() is not None:
+            handle = hit[1]()
+            if isinstance(handle, torch.Tensor):
+                return ("weak", weakref.ref(a))  # kept exact: the graph holds it
+            if isinstance(handle, _Pack):
+                return ("pack", weakref.ref(handle), view, hit[2])
+            if isinstance(handle, _Recompute) and (handle.view is None or a.shape == dense.shape):
+                return ("weak", weakref.ref(handle))
+            return None
+        seen = self._cache.get(("seen", storage.data_ptr(), storage.nbytes(), a.device))
+        if seen is not None and seen[0]() is not None:
+            return ("weak", weakref.ref(a))  # kept raw (tiny, integer, marked): the graph holds it
+        return None
+
+    def _recipe_for(self, t: torch.Tensor, module: str) -> "_Recompute | None":
+        """A handle that recomputes ``t`` from what ciuic already keeps, or None."""
+        for owner in (t, t._base):
+            entry = self._recipes.get(id(owner)) if owner is not None else None
+            # ids are reused once an object dies: the weak reference proves it is the same object
+            if entry is not None and entry[0]() is owner:
+                break
+        else:
+            return None
+        if owner._version != entry[1]:
+            return None
+        _, _, func, sources, kwargs = entry
+        args, sites = [], []
+        for source in sources:
+            kind = source[0]
+            if kind == "const":
+                args.append(source[1])
+                continue
+            target = source[1]()
+            if target is None:
+                return None
+            if kind == "pack":
+                args.append(_View(target, source[2]))
+                if source[3] is not None:
+                    sites.append(source[3])
+            else:
+                args.append(target)
+                if isinstance(target, _Recompute):
+                    sites.extend(target.sites)
+        sites = tuple(dict.fromkeys(sites))
+        self._add_consumer(sites, module)  # the recomputed tensor's error reaches this module
+        view = None
+        if t is not owner or t.shape != owner.shape:
+            view = (tuple(t.shape), t.stride(), t.storage_offset())
+        return _Recompute(func, args, kwargs, owner.dtype, view, sites)
+
+    def _add_consumer(self, site_keys: tuple, module: str) -> None:
+        if not self._calibrating:
+            return
+        for key in site_keys:
+            site = self._sites.get(key)
+            if site is not None and module not in site.consumers:
+                site.consumers.append(module)
+
     def _seed(self) -> int:
         self._seed_counter = getattr(self, "_seed_counter", 0) + 1
         return (self.config.seed << 32) + self._seed_counter
@@ -537,6 +672,10 @@ class Engine:
             if original is not None and pack is not None:
                 if isinstance(pack, torch.Tensor):
                     return t  # kept exact: its storage is already held (and counted)
+                if isinstance(pack, _Recompute):
+                    self._add_consumer(pack.sites, module)
+                    return _Recompute(pack.func, pack.args, pack.kwargs, pack.dtype,
+                                      (tuple(t.shape), t.stride(), t.storage_offset()), pack.sites)
                 if op is not None:
                     self._maybe_upgrade(pack, dense, op, t, modules=_state().modules)
                     site = self._sites.get(hit[2]) if self._calibrating else None
@@ -545,6 +684,13 @@ class Engine:
                 return _View(pack, view)
 
         site_key = None
+        if spec is None and cls in _RECOMPUTE_CLASSES and self._recipes:
+            recipe = self._recipe_for(t, module)
+            if recipe is not None:
+                before = dense.numel() * dense.element_size()
+                self._account(recipe, module, "recompute", cls, before, 0, fixed=True)
+                self._remember(key, t, recipe)
+                return recipe
         if spec is None:  # a float activation: the plan decides
             site_key = self._site_key(module, op)
             level = self.plan.level_for(site_key, cls)

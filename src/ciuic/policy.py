@@ -8,12 +8,13 @@ norm inputs and elementwise tensors tolerate 2-4 bits.
 
 The plan is solved jointly over all tensors of a forward pass, as GACT does (Liu et al., ICML 2022):
 each candidate precision has a byte cost (payload + scales, exactly as the codec stores it) and a
-sensitivity = class weight x the mean squared gradient flowing out of the module that saved the
-tensor x the expected squared quantization error of the tensor at that precision (sum over groups
-of G * step**2 / 12, step = group range / (2**bits - 1)). Starting from the most precise choice of
-every tensor, a greedy loop applies the downgrade with the smallest sensitivity increase per byte
-saved until the pass fits the mode's byte budget. Because effects do not add up across classes, the
-weights keep the sensitive classes high even when the budget is tight.
+sensitivity = class weight x the gradient energy flowing out of the modules that consume the
+tensor (directly or through a recomputed tensor) x the expected squared quantization error of the
+tensor at that precision (sum over groups of G * step**2 / 12, step = group range / (2**bits - 1)).
+``solve`` starts every tensor at 8 bits and then either downgrades greedily (smallest sensitivity
+increase per byte saved) until the pass fits the mode's byte budget, or spends the slack on keeping
+the most sensitive tensors exact. Because effects do not add up across classes, the weights keep
+the sensitive classes high even when the budget is tight.
 """
 
 from __future__ import annotations
@@ -164,35 +165,58 @@ class Plan:
 
 
 def solve(sites: list[Site], budget_bytes: float, group_size: int) -> Plan:
-    """Greedy joint bit allocation: cheapest sensitivity increase per byte saved, until it fits."""
-    levels = {s.key: s.levels()[0] for s in sites}
-    index = {s.key: 0 for s in sites}
-    total = sum(s.cost(levels[s.key], group_size) for s in sites)
-    heap: list = []
+    """Joint bit allocation over one pass's tensors.
 
-    def push(site: Site) -> None:
-        i = index[site.key]
-        allowed = site.levels()
-        if i + 1 >= len(allowed):
-            return
-        cur, nxt = allowed[i], allowed[i + 1]
-        saved = site.cost(cur, group_size) - site.cost(nxt, group_size)
-        if saved <= 0:
-            return
-        added = site.sensitivity(nxt, group_size) - site.sensitivity(cur, group_size)
-        heapq.heappush(heap, (max(added, 0.0) / saved, id(site), site))
-
+    Every tensor starts at its finest quantized level (8 bits; exact for exact-only classes).
+    Over budget: repeatedly take the downgrade (8->4->2) with the smallest sensitivity increase per
+    byte saved. Under budget: spend the slack on keeping the most sensitive tensors exact (largest
+    sensitivity removed per byte added). Starting from 8 bits rather than from exact keeps the plan
+    from trading many exact tensors against a few 2-bit ones when the budget does not need it.
+    """
+    index: dict = {}
     for s in sites:
-        push(s)
-    while total > budget_bytes and heap:
-        _, _, site = heapq.heappop(heap)
-        i = index[site.key]
-        allowed = site.levels()
-        total -= site.cost(allowed[i], group_size) - site.cost(allowed[i + 1], group_size)
-        index[site.key] = i + 1
-        levels[site.key] = allowed[i + 1]
-        push(site)
-    return Plan(levels=levels, planned_bytes=int(total), budget_bytes=int(budget_bytes),
+        allowed = s.levels()
+        index[s.key] = 1 if len(allowed) > 1 and allowed[0] == EXACT else 0
+    level = {s.key: s.levels()[index[s.key]] for s in sites}
+    total = sum(s.cost(level[s.key], group_size) for s in sites)
+
+    if total > budget_bytes:
+        heap: list = []
+
+        def push(site: Site) -> None:
+            i = index[site.key]
+            allowed = site.levels()
+            if i + 1 >= len(allowed):
+                return
+            cur, nxt = allowed[i], allowed[i + 1]
+            saved = site.cost(cur, group_size) - site.cost(nxt, group_size)
+            if saved > 0:
+                added = site.sensitivity(nxt, group_size) - site.sensitivity(cur, group_size)
+                heapq.heappush(heap, (max(added, 0.0) / saved, id(site), site))
+
+        for s in sites:
+            push(s)
+        while total > budget_bytes and heap:
+            _, _, site = heapq.heappop(heap)
+            i = index[site.key]
+            allowed = site.levels()
+            total -= site.cost(allowed[i], group_size) - site.cost(allowed[i + 1], group_size)
+            index[site.key] = i + 1
+            level[site.key] = allowed[i + 1]
+            push(site)
+    else:
+        upgrades = []
+        for s in sites:
+            if index[s.key] == 1:  # quantized now, exact allowed
+                added = s.cost(EXACT, group_size) - s.cost(level[s.key], group_size)
+                removed = s.sensitivity(level[s.key], group_size)
+                upgrades.append((-removed / max(added, 1), id(s), s, added))
+        upgrades.sort(key=lambda u: u[:2])
+        for _, _, site, added in upgrades:
+            if total + added <= budget_bytes:
+                total += added
+                level[site.key] = EXACT
+    return Plan(levels=level, planned_bytes=int(total), budget_bytes=int(budget_bytes),
                 feasible=total <= budget_bytes)
 
 
