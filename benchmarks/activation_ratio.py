@@ -318,6 +318,21 @@ def result_key(device: str = "cpu") -> str:
     return f"{device_name(device)} | torch {torch.__version__} | ciuic {ciuic.__version__}"
 
 
+def git_revision() -> str | None:
+    """The commit of the ``ciuic`` source that ran (with ``+dirty`` for local changes), if in git."""
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(ciuic.__file__))
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", ".."], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def write_json(path: str, key: str, report: dict) -> None:
     """Store ``report`` under ``key`` in ``path``, keeping results of other devices/versions."""
     data: dict = {}
@@ -430,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "activation_ratio",
         "device": device_name(args.device), "torch": torch.__version__, "ciuic": ciuic.__version__,
-        "python": sys.version.split()[0], "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0], "git": git_revision(), "threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d"), "command": command.strip(),
         "shape": size, "dropout": not args.no_dropout, "heap_tolerance": HEAP_TOLERANCE, "warmup_steps": WARMUP_STEPS,
         "seconds": round(time.perf_counter() - start, 1),

@@ -164,6 +164,21 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def git_revision() -> str | None:
+    """The commit of the ``ciuic_kernels`` source that ran (with ``+dirty`` for local changes), if in git."""
+    import subprocess
+
+    where = os.path.dirname(os.path.abspath(ciuic_kernels.__file__))
+    try:
+        commit = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", ".."], capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def write_json(path: str, key: str, report: dict) -> None:
     """Store ``report`` under ``key`` in ``path``, keeping results of other devices/versions."""
     data: dict = {}
@@ -220,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python benchmarks/codecs.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
         "benchmark": "codecs", "device": device_name(args.device), "backend": backend,
-        "torch": torch.__version__, "ciuic": _CIUIC_VERSION, "python": sys.version.split()[0],
+        "torch": torch.__version__, "ciuic": _CIUIC_VERSION, "python": sys.version.split()[0], "git": git_revision(),
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "command": command.strip(),
         "numel": numel, "reps": reps, "warmup": warmup, "timer": "triton.testing.do_bench" if cuda else "time.perf_counter",
         "results": rows,
