@@ -92,11 +92,25 @@ def current_config() -> CompressionConfig | None:
 
 
 def enable_from_env() -> CompressionConfig | None:
-    """Enable compression from ``CIUIC_MODE`` (set by launchers such as ``ciuic-accelerate``)."""
-    mode = os.environ.get(_ENV_MODE, "").strip()
-    if not mode:
+    """Enable compression from ``CIUIC_MODE`` (set by launchers such as ``ciuic-accelerate``).
+
+    The value is a mode (``"4:1"``), a JSON object of ``CompressionConfig`` options
+    (``{"mode": "auto", "budget": "12GB"}``), or empty / ``"off"`` for nothing. Returns the config
+    enabled, or None.
+    """
+    value = os.environ.get(_ENV_MODE, "").strip()
+    if not value or value.lower() in ("off", "none", "0", "false"):
         return None
-    return enable_compression(mode)
+    if value.startswith("{"):
+        import json
+
+        try:
+            options = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{_ENV_MODE}={value!r} is not valid JSON ({error}); allowed: a mode "
+                             f"({', '.join(MODES)}) or a JSON object of CompressionConfig options") from None
+        return enable_compression(options)
+    return enable_compression(value)
 
 
 def _prepare_model(model: Any, config: CompressionConfig) -> None:
