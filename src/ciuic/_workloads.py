@@ -87,7 +87,7 @@ def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: int = 128,
-                 lr: float = 2e-3, dtype: str = "fp32", seed: int = 0, eval_batches: int = 20,
+                 lr: float = 1e-3, dtype: str = "fp32", seed: int = 0, eval_batches: int = 20,
                  model_kwargs: dict | None = None, data: tuple | None = None,
                  progress: Callable[[int, float], None] | None = None,
                  keep_model: bool = False) -> RunResult:
