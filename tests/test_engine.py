@@ -32,26 +32,6 @@ from ciuic.memory import heap_available, heap_bytes
 
 COSINE_MIN = 0.99
 
-# Engine bugs found by these tests (reported to the lead with minimal reproductions).
-BUG_STRIDED_VIEWS = (
-    "engine bug: strided slices of one buffer (q, k, v of a fused qkv projection) are looked up in "
-    "the dedupe cache by the address of their temporary dense copy; that copy is freed after "
-    "encoding and its address reused by the next slice's copy, which is then served the previous "
-    "slice's pack (the liveness check looks at the original buffer, which is alive)")
-BUG_STRIDED_VIEWS_FLAKY = BUG_STRIDED_VIEWS + " -- fails whenever the allocator reuses the address"
-BUG_SDPA_DROPOUT = (
-    "engine bug: with attention dropout, CPU SDPA takes its math path and saves 3-d "
-    "(batch*heads, S, S) probabilities/masks that policy.classify labels 'attention_stats' (kept "
-    "exact, fixed bytes), so the 4:1 plan squeezes every other tensor to 2 bits")
-BUG_DISABLE = (
-    "engine bug: disable_compression() refused inside a compression() block has already removed "
-    "the global engine from ciuic._global, so compression can never be turned off afterwards")
-BUG_CONV_INDICES = (
-    "engine policy: the int64 max-pool indices (kept raw, 8 bytes per pooled element) are 17% of "
-    "this conv net's saved bytes, so meeting 4:1 forces every float activation to 2 bits "
-    "(gradient cosine 0.94, first conv weight 0.79)")
-
-
 def _force_off() -> None:
     ciuic.disable_compression()
     # A test that fails half-way (or an engine bug) can leave a context entered; exit whatever is
@@ -339,18 +319,14 @@ class AttentionBlock(nn.Module):
         return x + self.down(F.gelu(self.up(self.norm(x))))
 
 
-_FLAKY_VIEWS = pytest.mark.xfail(strict=False, reason=BUG_STRIDED_VIEWS_FLAKY)
-
-
 @pytest.mark.parametrize(
     "fused, dropout, dtype",
     [pytest.param(False, 0.0, None, id="separate-qkv-fp32"),
      pytest.param(False, 0.0, torch.bfloat16, id="separate-qkv-bf16-autocast"),
-     pytest.param(True, 0.0, None, id="fused-qkv-fp32", marks=_FLAKY_VIEWS),
-     pytest.param(True, 0.0, torch.bfloat16, id="fused-qkv-bf16-autocast", marks=_FLAKY_VIEWS),
+     pytest.param(True, 0.0, None, id="fused-qkv-fp32"),
+     pytest.param(True, 0.0, torch.bfloat16, id="fused-qkv-bf16-autocast"),
      # attention dropout sends CPU SDPA down its math path, which saves 3-d (batch*heads) tensors
-     pytest.param(False, 0.1, None, id="separate-qkv-attention-dropout-fp32",
-                  marks=pytest.mark.xfail(strict=True, reason=BUG_SDPA_DROPOUT))],
+     pytest.param(False, 0.1, None, id="separate-qkv-attention-dropout-fp32")],
 )
 def test_4to1_sdpa_non_contiguous_qkv(fused, dropout, dtype):
     x = _randn(4, 64, 64)
@@ -368,7 +344,7 @@ def test_4to1_sdpa_non_contiguous_qkv(fused, dropout, dtype):
     assert result.stats.ratio >= 3.5, _codecs(result.stats)
 
 
-@_FLAKY_VIEWS  # MultiheadAttention's q, k, v are slices of one in_proj output
+# MultiheadAttention's q, k, v are slices of one in_proj output
 @pytest.mark.parametrize("need_weights", [False, True], ids=["need_weights=False", "need_weights=True"])
 def test_4to1_multihead_attention(need_weights):
     class Model(nn.Module):
@@ -396,7 +372,10 @@ def _conv_net(size: int) -> nn.Module:
 @pytest.mark.parametrize(
     "batch, size",
     [pytest.param(16, 32, id="images=16x3x32x32"),
-     pytest.param(8, 16, id="images=8x3x16x16", marks=pytest.mark.xfail(strict=True, reason=BUG_CONV_INDICES))],
+     pytest.param(8, 16, id="images=8x3x16x16", marks=pytest.mark.xfail(strict=True, reason=(
+         "known limit: integer tensors are never compressed (issue #4), and this small conv net's "
+         "int64 max-pool indices are 17% of its saved bytes, so 4:1 forces every float activation "
+         "to 2 bits (gradient cosine 0.94)")))],
 )
 def test_4to1_conv_net(batch, size):
     x = _randn(batch, 3, size, size)
@@ -742,7 +721,6 @@ def test_freed_address_reuse_gives_correct_gradients():
     assert rel < 0.05, f"relative gradient error {rel:.3f}: a stale pack was served"
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_STRIDED_VIEWS)
 def test_strided_slices_of_one_buffer_keep_their_own_data():
     """Three non-contiguous slices of one buffer (a fused qkv projection's q, k, v) are saved
     separately; each must get back its own data, not another slice's."""
@@ -841,7 +819,6 @@ def test_disable_inside_compression_block_raises():
     assert ciuic.current_config().mode == "4:1"
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_DISABLE)
 def test_disable_after_failed_disable_still_works():
     """A disable_compression() refused inside a block must leave the global setting intact, so that
     the same call works once the block has exited."""
@@ -963,7 +940,7 @@ def minilm():
 @pytest.mark.parametrize(
     "dropout",
     [pytest.param(False, id="dropout=off"),
-     pytest.param(True, id="dropout=on", marks=pytest.mark.xfail(strict=True, reason=BUG_SDPA_DROPOUT))],
+     pytest.param(True, id="dropout=on")],
 )
 @pytest.mark.parametrize("loss_in_model", [False, True], ids=["loss=outside", "loss=in-model"])
 def test_4to1_pretrained_bert_fine_tuning_step(minilm, dropout, loss_in_model):

@@ -71,9 +71,10 @@ def enable_compression(mode: Any = "4:1", *, model: Any = None, **options: Any) 
 
 def disable_compression() -> None:
     """Undo ``enable_compression`` for the calling thread (packs already made still unpack)."""
-    engine = _global.pop(_thread_key(), None)
+    engine = _global.get(_thread_key())
     if engine is not None:
-        engine.__exit__(None, None, None)
+        engine.__exit__(None, None, None)  # raises (and changes nothing) inside a compression() block
+        _global.pop(_thread_key(), None)
 
 
 def is_enabled() -> bool:

@@ -198,21 +198,47 @@ class _ParamCast:
             return full if self.view is None else full.as_strided(*self.view)
 
 
-def _source(t: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+def _covers_storage(t: torch.Tensor) -> bool:
+    """True when ``t`` touches every byte of its storage (contiguous, transposed, permuted or
+    broadcast views), so packing the storage costs no more than packing ``t``."""
+    nbytes = t.untyped_storage().nbytes()
+    size = t.element_size()
+    return nbytes % size == 0 and nbytes <= t.numel() * size
+
+
+def _view_of(t: torch.Tensor) -> tuple:
+    """How ``t`` is rebuilt from what ``_source`` packs: (shape, stride, offset) into the decoded
+    flat storage, or (shape, None, 0) for a dense copy of a partial view."""
+    if _covers_storage(t):
+        return (tuple(t.shape), t.stride(), t.storage_offset())
+    return (tuple(t.shape), None, 0)
+
+
+def _source(t: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """What to compress for saved tensor ``t``, and how to rebuild ``t`` from its decode.
 
-    When ``t`` covers its whole storage (contiguous, transposed, permuted or broadcast views:
-    SDPA's output and the o_proj input that is its reshape are one storage), the storage itself is
-    packed as a flat tensor and every view of it is rebuilt with ``as_strided``: one pack per
-    storage, like the memory the uncompressed run holds. A view of part of a larger storage is
-    packed on its own (copied dense). Returns (dense tensor, view or None)."""
-    storage = t.untyped_storage()
-    size = t.element_size()
-    if storage.nbytes() % size == 0 and storage.nbytes() <= t.numel() * size:
+    When ``t`` covers its whole storage (SDPA's output and the o_proj input that is its reshape
+    are one storage on CPU), the storage itself is packed as a flat tensor and every view of it is
+    rebuilt with ``as_strided``: one pack per storage, like the memory the uncompressed run holds.
+    A view of part of a larger storage is packed on its own (copied dense)."""
+    view = _view_of(t)
+    if view[1] is not None:
+        storage = t.untyped_storage()
         flat = torch.empty(0, dtype=t.dtype, device=t.device)
-        flat.set_(storage, 0, (storage.nbytes() // size,), (1,))
-        return flat, (tuple(t.shape), t.stride(), t.storage_offset())
-    return t.contiguous().view(-1), (tuple(t.shape), None, 0)
+        flat.set_(storage, 0, (storage.nbytes() // t.element_size(),), (1,))
+        return flat, view
+    return t.contiguous().view(-1), view
+
+
+def _pack_key(t: torch.Tensor, view: tuple) -> tuple:
+    """Cache key of what ``_source`` packs for ``t``: its whole storage, or (for a partial view,
+    packed as a dense copy that is freed after encoding) the view itself — never the copy's
+    address, which the next copy may reuse."""
+    storage = t.untyped_storage()
+    if view[1] is not None:
+        return ("pack", storage.data_ptr(), storage.nbytes(), t.dtype, t.device, t._version)
+    return ("view", storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+            t.device, t._version)
 
 
 class _Pack:
@@ -297,7 +323,8 @@ class _Recompute:
         self.sites = sites  # plan sites of the packs it is rebuilt from (their errors reach it)
 
     def unpack(self) -> torch.Tensor:
-        args = [a.unpack() if isinstance(a, (_View, _ParamCast, _Recompute)) else a for a in self.args]
+        args = [a if isinstance(a, torch.Tensor) or not hasattr(a, "unpack") else a.unpack()
+                for a in self.args]
         with torch.no_grad():
             out = self.func(*args, **self.kwargs)
         if out.dtype != self.dtype:
@@ -333,8 +360,11 @@ def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
         return
     name, _ = st.modules.pop()
     engine = st.engines[-1]
-    if engine._calibrating and isinstance(output, torch.Tensor) and output.requires_grad:
-        engine._watch_gradient(name, output)
+    if engine._calibrating:
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0]  # (attention output, weights), (hidden, cache), ...
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            engine._watch_gradient(name, output)
 
 
 def _acquire_module_hooks() -> None:
@@ -511,27 +541,49 @@ class Engine:
 
         kept = self._keep_reason(t, modules)
         if kept is not None:
-            before = self._first_sight(skey, t, storage.nbytes())
-            if before:
-                self._account(t, module, "raw", kept, before, before, fixed=True)
-            return t
+            return self._keep(t, skey, module, kept)
         if t.dtype == torch.bool:
             return self._store(t, BitmaskSpec(), 1, "mask", module, None)
 
         cls = classify(op, tuple(c for _, c in modules), t)
         if self.config.mode == "lossless":
-            before = self._first_sight(skey, t, storage.nbytes())
-            if before:
-                self._account(t, module, "raw", cls, before, before, fixed=True)
-            return t
+            return self._keep(t, skey, module, cls)
+        if cls == "softmax" and t.grad_fn is None and self._is_two_valued(t):
+            # a float dropout mask {0, 1/(1-p)} saved by attention's math path: 1 bit, lossless
+            return self._store(t, BitmaskSpec(), 1, "mask", module, None)
         return self._store(t, None, None, cls, module, op)
+
+    def _keep(self, t: torch.Tensor, skey: tuple, module: str, reason: str) -> Any:
+        """Keep ``t`` as it is (counted once per storage). A small view of a much larger storage
+        is kept as a copy, so the large storage can be freed (ViT's [CLS] slice of the hidden
+        states, the last position of the logits)."""
+        before = self._first_sight(skey, t, t.untyped_storage().nbytes())
+        # A tensor with a grad_fn may be the op's own output: returning it would make a reference
+        # cycle (output -> grad_fn -> saved output) that outlives a graph dropped without backward.
+        kept = t.detach() if t.grad_fn is not None else t
+        if before and 2 * t.numel() * t.element_size() < before:
+            kept = t.detach().clone()
+        elif before:
+            self._remember(("seen",) + skey, kept, kept)  # alive exactly as long as the graph holds it
+        if before:
+            self._account(kept, module, "raw", reason, before, kept.numel() * kept.element_size()
+                          if kept is not t else before, fixed=True)
+        return kept
+
+    @staticmethod
+    def _is_two_valued(t: torch.Tensor) -> bool:
+        if not t.is_floating_point() or t.numel() == 0:
+            return False
+        flat = t.reshape(-1)
+        top = flat.amax()
+        return bool(((flat == 0) | (flat == top)).all())
 
     def _first_sight(self, skey: tuple, t: torch.Tensor, nbytes: int) -> int:
         """``nbytes`` the first time a live storage is saved in this pass, else 0 (counted once)."""
         seen = self._cache.get(("seen",) + skey)
         if seen is not None and seen[0]() is not None:
             return 0
-        self._remember(("seen",) + skey, t, t)
+        self._remember(("seen",) + skey, t, t)  # callers re-anchor on what they keep
         return nbytes
 
     def _keep_reason(self, t: torch.Tensor, modules: list) -> str | None:
@@ -592,19 +644,20 @@ class Engine:
         param = _param_source(a)
         if param is not None:
             return ("const", _ParamCast(param, a))
-        dense, view = _source(a.detach())
-        storage = dense.untyped_storage()
-        key = ("pack", storage.data_ptr(), dense.storage_offset(), dense.numel(), dense.dtype,
-               dense.device, a._version)
-        hit = self._cache.get(key)
+        view = _view_of(a)
+        storage = a.untyped_storage()
+        hit = self._cache.get(_pack_key(a, view))
         if hit is not None and hit[0]() is not None and hit[1]() is not None:
             handle = hit[1]()
             if isinstance(handle, torch.Tensor):
                 return ("weak", weakref.ref(a))  # kept exact: the graph holds it
             if isinstance(handle, _Pack):
                 return ("pack", weakref.ref(handle), view, hit[2])
-            if isinstance(handle, _Recompute) and (handle.view is None or a.shape == dense.shape):
-                return ("weak", weakref.ref(handle))
+            if isinstance(handle, _Recompute):
+                if handle.view is None and view[1] is not None and a.shape == view[0] and a.is_contiguous() \
+                        and a.storage_offset() == 0:
+                    return ("weak", weakref.ref(handle))
+                return None
             return None
         seen = self._cache.get(("seen", storage.data_ptr(), storage.nbytes(), a.device))
         if seen is not None and seen[0]() is not None:
@@ -663,15 +716,14 @@ class Engine:
                op: str | None) -> Any:
         """Pack ``t``'s storage once (or reuse the pack of an earlier save of it); return a view."""
         dense, view = _source(t.detach())
-        key = ("pack", dense.untyped_storage().data_ptr(), dense.storage_offset(), dense.numel(),
-               dense.dtype, dense.device, t._version)
+        key = _pack_key(t, view)
         hit = self._cache.get(key)
         if hit is not None:
             original, pack = hit[0](), hit[1]()
             # The original being alive proves its storage was not freed and reused: a hit is real.
             if original is not None and pack is not None:
                 if isinstance(pack, torch.Tensor):
-                    return t  # kept exact: its storage is already held (and counted)
+                    return t.detach()  # kept exact: its storage is already held (and counted)
                 if isinstance(pack, _Recompute):
                     self._add_consumer(pack.sites, module)
                     return _Recompute(pack.func, pack.args, pack.kwargs, pack.dtype,
@@ -702,11 +754,12 @@ class Engine:
                 )
             if level == EXACT:
                 before = dense.numel() * dense.element_size()
-                self._account(t, module, "raw", cls, before, before, fixed=False)
-                self._remember(key, t, t, site_key)
-                self._remember(("seen", dense.untyped_storage().data_ptr(),
-                                dense.untyped_storage().nbytes(), t.device), t, t)
-                return t
+                kept = t.detach()  # returning the saved tensor itself would make a reference cycle
+                self._account(kept, module, "raw", cls, before, before, fixed=False)
+                self._remember(key, kept, kept, site_key)
+                self._remember(("seen", t.untyped_storage().data_ptr(),
+                                t.untyped_storage().nbytes(), t.device), kept, kept)
+                return kept
             spec = QuantSpec(level, self.config.group_size, self.config.rounding)
         with torch.no_grad():
             packed = ciuic_kernels.encode(dense, spec, seed=self._seed())

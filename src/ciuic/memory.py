@@ -32,19 +32,22 @@ class SavedTensorMeter:
         self.tensors = 0
         self._seen: dict[int, weakref.ref] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        # pack returns t.detach(): returning an op's own output would make a reference cycle
+        # (output -> grad_fn -> saved output) that keeps a graph dropped without backward alive.
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
             return t
+        kept = t.detach()
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         ref = self._seen.get(ptr)
         if ref is not None and ref() is not None:
-            return t  # same storage, still alive: already counted
-        self._seen[ptr] = weakref.ref(t)
+            return kept  # same storage, still alive: already counted
+        self._seen[ptr] = weakref.ref(kept)
         self.bytes += storage.nbytes()
         self.tensors += 1
-        return t
+        return kept
 
     def __enter__(self) -> "SavedTensorMeter":
         self._hooks.__enter__()

@@ -32,7 +32,7 @@ CLASS_LEVELS: dict[str, tuple[int, ...]] = {
     "attention": (EXACT, 8),
     "attention_stats": (EXACT,),
     "loss": (EXACT, 8),
-    "softmax": (EXACT, 8),
+    "softmax": (EXACT, 8, 4),  # attention probabilities (seq x seq): 4 bits only when the budget needs it
     "linear_input": (EXACT, 8, 4, 2),
     "conv_input": (EXACT, 8, 4, 2),
     "norm": (EXACT, 8, 4, 2),
@@ -52,6 +52,10 @@ CLASS_WEIGHTS: dict[str, float] = {
     "norm": 1.5,
     "elementwise": 3.0,
 }
+
+# 2-bit errors compound across tensors in ways a per-tensor error model does not see (research:
+# classes harmless alone at 2 bits are harmful together, +45%): make 2 bits the last resort.
+LEVEL_PENALTY: dict[int, float] = {2: 4.0}
 
 # The precision used before the first calibration (and for tensors the plan has not seen).
 DEFAULT_LEVEL = 8
@@ -74,9 +78,13 @@ def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor) -> str:
     """The class of a saved floating tensor, from the op saving it and the enclosing modules."""
     in_attention = any("attention" in c.lower() or c.lower().endswith("attn") for c in module_classes[-2:])
     if op in _ATTENTION_OPS:
-        # q, k, v, out are 4-d (batch, heads, seq, head_dim); anything else (logsumexp, seeds) is
-        # a softmax statistic that must stay exact (research: logsumexp at 2 bits, +47% loss).
-        return "attention" if t.dim() == 4 else "attention_stats"
+        # Fused kernels save q, k, v, out (4-d) and the logsumexp; the math path (CPU with
+        # dropout, or a float attention bias) saves 3-d (batch*heads, seq, dim) q/k/v and the
+        # (seq x seq) probabilities and dropout mask. Anything else is a softmax statistic that
+        # must stay exact (research: logsumexp at 2 bits, +47% loss).
+        if t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 1:
+            return "softmax"
+        return "attention" if t.dim() in (3, 4) else "attention_stats"
     if op in _LOSS_OPS:
         return "loss"
     if op in _SOFTMAX_OPS:
@@ -142,6 +150,7 @@ class Site:
     def sensitivity(self, level: int, group_size: int) -> float:
         return (
             CLASS_WEIGHTS[self.cls]
+            * LEVEL_PENALTY.get(level, 1.0)
             * self.gradient_weight
             * expected_sq_error(self.group_ranges_sq_sum, group_size, level)
         )
