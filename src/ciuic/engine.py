@@ -38,6 +38,7 @@ def _state() -> Any:
     if not hasattr(s, "engines"):
         s.engines = []  # active engines, innermost last
         s.op = ""
+        s.op_packs = 0
         s.modules = []  # (name, class name) stack of running modules
         s.in_codec = False
     return s
@@ -303,6 +304,7 @@ class _OpTracker(TorchFunctionMode):
             return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         st.op = name
+        st.op_packs = 0
         try:
             result = func(*args, **kwargs)
         finally:
@@ -523,13 +525,15 @@ class Engine:
             return t  # alive anyway: not counted
         modules = st.modules
         module = modules[-1][0] if modules else ""
+        index = st.op_packs
+        st.op_packs = index + 1
         st.in_codec = True
         try:
-            return self._pack_counted(t, st.op, module, modules)
+            return self._pack_counted(t, st.op, module, modules, index)
         finally:
             st.in_codec = False
 
-    def _pack_counted(self, t: torch.Tensor, op: str, module: str, modules: list) -> Any:
+    def _pack_counted(self, t: torch.Tensor, op: str, module: str, modules: list, index: int) -> Any:
         storage = t.untyped_storage()
         skey = (storage.data_ptr(), storage.nbytes(), t.device)
         param = _param_source(t) if t.is_floating_point() else None
@@ -545,7 +549,7 @@ class Engine:
         if t.dtype == torch.bool:
             return self._store(t, BitmaskSpec(), 1, "mask", module, None)
 
-        cls = classify(op, tuple(c for _, c in modules), t)
+        cls = classify(op, tuple(c for _, c in modules), t, index)
         if self.config.mode == "lossless":
             return self._keep(t, skey, module, cls)
         if cls == "softmax" and t.grad_fn is None and self._is_two_valued(t):
@@ -650,7 +654,9 @@ class Engine:
         if hit is not None and hit[0]() is not None and hit[1]() is not None:
             handle = hit[1]()
             if isinstance(handle, torch.Tensor):
-                return ("weak", weakref.ref(a))  # kept exact: the graph holds it
+                # kept exact: refer to the tensor the graph holds (``a`` itself may be a
+                # temporary whose Python object dies before the recomputed tensor is saved)
+                return ("weak", weakref.ref(handle), _view_of(a))
             if isinstance(handle, _Pack):
                 return ("pack", weakref.ref(handle), view, hit[2])
             if isinstance(handle, _Recompute):
@@ -660,8 +666,10 @@ class Engine:
                 return None
             return None
         seen = self._cache.get(("seen", storage.data_ptr(), storage.nbytes(), a.device))
-        if seen is not None and seen[0]() is not None:
-            return ("weak", weakref.ref(a))  # kept raw (tiny, integer, marked): the graph holds it
+        if seen is not None and seen[0]() is not None and isinstance(seen[1](), torch.Tensor):
+            held = seen[1]()  # kept raw (tiny, integer, marked): the graph holds it
+            if held.untyped_storage().data_ptr() == storage.data_ptr():
+                return ("weak", weakref.ref(held), _view_of(a))
         return None
 
     def _recipe_for(self, t: torch.Tensor, module: str) -> "_Recompute | None":
@@ -689,6 +697,11 @@ class Engine:
                 args.append(_View(target, source[2]))
                 if source[3] is not None:
                     sites.append(source[3])
+            elif isinstance(target, torch.Tensor) and len(source) > 2:
+                shape, stride, offset = source[2]
+                args.append(target if stride is None or (tuple(target.shape) == shape and target.stride() == stride
+                                                         and target.storage_offset() == offset)
+                            else target.as_strided(shape, stride, offset))
             else:
                 args.append(target)
                 if isinstance(target, _Recompute):
@@ -775,7 +788,7 @@ class Engine:
         """A tensor packed for a robust op is now also saved by a sensitive one: re-pack finer."""
         if not isinstance(pack, _Pack) or pack.level in (EXACT, 1):
             return
-        cls = classify(op, tuple(c for _, c in modules), t)
+        cls = classify(op, tuple(c for _, c in modules), t, _state().op_packs - 1)
         allowed = CLASS_LEVELS[cls]
         if pack.level in allowed:
             return

@@ -29,7 +29,8 @@ EXACT = 0  # "level" meaning: keep the tensor as it is
 
 # class -> allowed levels, most precise first
 CLASS_LEVELS: dict[str, tuple[int, ...]] = {
-    "attention": (EXACT, 8),
+    "attention_qk": (EXACT, 8),  # q and k: their errors pass through softmax's exponential
+    "attention": (EXACT, 8, 4),  # v and out (errors enter the backward linearly); 4 bits last
     "attention_stats": (EXACT,),
     "loss": (EXACT, 8),
     "softmax": (EXACT, 8, 4),  # attention probabilities (seq x seq): 4 bits only when the budget needs it
@@ -44,6 +45,7 @@ CLASS_LEVELS: dict[str, tuple[int, ...]] = {
 # note: MLP elementwise at 2 bits alone +0.7%, linear inputs at 2 bits alone -0.7%).
 CLASS_WEIGHTS: dict[str, float] = {
     "attention": 8.0,
+    "attention_qk": 8.0,
     "attention_stats": 1.0,
     "loss": 8.0,
     "softmax": 8.0,
@@ -74,8 +76,9 @@ _CONV_OPS = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d
 _NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm"}
 
 
-def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor) -> str:
-    """The class of a saved floating tensor, from the op saving it and the enclosing modules."""
+def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor, index: int = -1) -> str:
+    """The class of a saved floating tensor, from the op saving it, the enclosing modules and its
+    position among the tensors that op saves (``index``; SDPA saves q and k first)."""
     in_attention = any("attention" in c.lower() or c.lower().endswith("attn") for c in module_classes[-2:])
     if op in _ATTENTION_OPS:
         # Fused kernels save q, k, v, out (4-d) and the logsumexp; the math path (CPU with
@@ -84,13 +87,15 @@ def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor) -> str:
         # must stay exact (research: logsumexp at 2 bits, +47% loss).
         if t.dim() >= 3 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 1:
             return "softmax"
-        return "attention" if t.dim() in (3, 4) else "attention_stats"
+        if t.dim() in (3, 4):
+            return "attention_qk" if index in (0, 1) else "attention"
+        return "attention_stats"
     if op in _LOSS_OPS:
         return "loss"
     if op in _SOFTMAX_OPS:
         return "softmax"
     if op in _MATMUL_OPS and in_attention:
-        return "attention"  # eager attention: q @ k^T and probs @ v
+        return "attention_qk"  # eager attention: q @ k^T and probs @ v
     if op in _LINEAR_OPS:
         return "linear_input"
     if op in _CONV_OPS:
@@ -99,7 +104,7 @@ def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor) -> str:
     if op in _NORM_OPS or innermost.endswith("norm") or "layernorm" in innermost or "rmsnorm" in innermost:
         return "norm"
     if in_attention:
-        return "attention" if t.dim() == 4 else "elementwise"
+        return "attention_qk" if t.dim() == 4 else "elementwise"
     return "elementwise"
 
 
