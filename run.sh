@@ -34,6 +34,7 @@ command="${1:-}"
 [ $# -gt 0 ] && shift
 case "$command" in
   demo) exec python -m ciuic.demo "$@" ;;
-  test) exec python -m pytest -q "$@" ;;
+  # two workers (the machines here have 2 cores); files that share a fixture stay on one worker
+  test) exec python -m pytest -q -n "${CIUIC_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
   *) echo "usage: bash run.sh demo [--steps N --modes 4:1,8:1 --dtype fp32|bf16] | bash run.sh test [pytest args]" >&2; exit 2 ;;
 esac
