@@ -42,6 +42,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import device_name, git_revision, result_key, write_json  # noqa: E402
 import torch.nn.functional as F
 
 import ciuic
@@ -299,53 +302,6 @@ def _table(counts: dict) -> dict:
 
 def _mib(n: int | None) -> float:
     return float("nan") if n is None else n / 2**20
-
-
-def device_name(device: str = "cpu") -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + " (CPU)"
-    except OSError:
-        pass
-    return (platform.processor() or platform.machine()) + " (CPU)"
-
-
-def result_key(device: str = "cpu") -> str:
-    return f"{device_name(device)} | torch {torch.__version__} | ciuic {ciuic.__version__}"
-
-
-def git_revision() -> str | None:
-    """The commit of the ``ciuic`` source that ran (with ``+dirty`` for local changes), if in git."""
-    import subprocess
-
-    where = os.path.dirname(os.path.abspath(ciuic.__file__))
-    try:
-        commit = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", ".."], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def write_json(path: str, key: str, report: dict) -> None:
-    """Store ``report`` under ``key`` in ``path``, keeping results of other devices/versions."""
-    data: dict = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            data = {}
-    data[key] = report
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=False)
 
 
 def print_table(records: list[dict]) -> None:

@@ -28,6 +28,9 @@ from typing import Any, Callable
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import device_name, git_revision, write_json  # noqa: E402
+
 import ciuic_kernels
 from ciuic_kernels import BitmaskSpec, FP8Spec, QuantSpec, SparseSpec, select_backend
 
@@ -56,19 +59,6 @@ CODECS: dict[str, Any] = {
     "bitmask": BitmaskSpec(),
     "sparse-1%-int4": SparseSpec(0.01, 4, GROUP_SIZE, "nearest"),
 }
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + " (CPU)"
-    except OSError:
-        pass
-    return (platform.processor() or platform.machine()) + " (CPU)"
 
 
 def time_median(fn: Callable[[], Any], device: str, reps: int, warmup: int) -> float:
@@ -162,36 +152,6 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def git_revision() -> str | None:
-    """The commit of the ``ciuic_kernels`` source that ran (with ``+dirty`` for local changes), if in git."""
-    import subprocess
-
-    where = os.path.dirname(os.path.abspath(ciuic_kernels.__file__))
-    try:
-        commit = subprocess.run(["git", "-C", where, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--", ".."], capture_output=True,
-                               text=True, timeout=10, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-def write_json(path: str, key: str, report: dict) -> None:
-    """Store ``report`` under ``key`` in ``path``, keeping results of other devices/versions."""
-    data: dict = {}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (OSError, ValueError):
-            data = {}
-    data[key] = report
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(data, f, indent=1)
 
 
 def main(argv: list[str] | None = None) -> dict:
