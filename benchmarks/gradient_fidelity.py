@@ -49,7 +49,7 @@ def _gradient(model: torch.nn.Module, loss_fn, mode: str | None, dtype: str) -> 
         if engine:
             ratio = ciuic.stats().ratio
         loss.backward()
-    grads = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    grads = torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None])
     return grads, ratio
 
 

@@ -110,7 +110,25 @@ def step_time() -> str:
     return "\n".join(lines) + "\n"
 
 
+def gradient_fidelity() -> str:
+    report = _load("gradient_fidelity.json")
+    if report is None:
+        return ""
+    lines = [
+        f"### Gradient fidelity per step (diagnostic; {report['device']}, torch {report['torch']}, {report['date']})",
+        "",
+        f"Command: `{report['command'].strip()}`",
+        "",
+        "| workload | dtype | mode | gradient cosine | relative error | ratio (engine) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(f"| {r['workload']} | {r['dtype']} | {r['mode']} | {r['cosine']:.5f} | "
+                     f"{r['relative_error']:.4f} | {r['engine_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    for part in (training_curves("fp32"), activation_ratio(), step_time(), codecs()):
+    for part in (training_curves("fp32"), activation_ratio(), gradient_fidelity(), step_time(), codecs()):
         if part:
             print(part)
