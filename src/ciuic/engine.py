@@ -431,6 +431,7 @@ class Engine:
         self._tracker = _OpTracker()
         self._entered = False
         self._thread = None
+        self._seed_counter = 0
 
     # -- context protocol ----------------------------------------------------------------------
     def __enter__(self) -> "Engine":
@@ -565,13 +566,14 @@ class Engine:
         # A tensor with a grad_fn may be the op's own output: returning it would make a reference
         # cycle (output -> grad_fn -> saved output) that outlives a graph dropped without backward.
         kept = t.detach() if t.grad_fn is not None else t
+        after = before
         if before and 2 * t.numel() * t.element_size() < before:
             kept = t.detach().clone()
+            after = kept.numel() * kept.element_size()
         elif before:
             self._remember(("seen",) + skey, kept, kept)  # alive exactly as long as the graph holds it
         if before:
-            self._account(kept, module, "raw", reason, before, kept.numel() * kept.element_size()
-                          if kept is not t else before, fixed=True)
+            self._account(kept, module, "raw", reason, before, after, fixed=True)
         return kept
 
     @staticmethod
@@ -722,7 +724,8 @@ class Engine:
                 site.consumers.append(module)
 
     def _seed(self) -> int:
-        self._seed_counter = getattr(self, "_seed_counter", 0) + 1
+        """A fresh stochastic-rounding seed per pack, derived from the config's seed."""
+        self._seed_counter += 1
         return (self.config.seed << 32) + self._seed_counter
 
     def _store(self, t: torch.Tensor, spec: Any, level: int | None, cls: str, module: str,
