@@ -52,3 +52,9 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
                 "(set it before triton is imported), or use CIUIC_BACKEND=torch"
             )
     return choice
+
+
+def pick(device: torch.device, backend: str | None, triton_impl, reference_impl):
+    """The implementation a codec runs for tensors on ``device``: its Triton launcher or its
+    PyTorch reference (see ``select_backend``)."""
+    return triton_impl if select_backend(device, backend) == "triton" else reference_impl

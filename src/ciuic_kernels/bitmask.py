@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import select_backend, triton_available
+from ._backend import pick, triton_available
 from ._packed import Packed
 from .specs import BitmaskSpec
 
@@ -190,15 +190,11 @@ def decode_triton(packed: Packed) -> torch.Tensor:
 def encode(x: torch.Tensor, spec: BitmaskSpec | None = None, *, seed: int = 0, backend: str | None = None) -> Packed:
     """Pack a mask at 1 bit per element; Triton on CUDA, the reference on CPU."""
     spec = BitmaskSpec() if spec is None else spec
-    if select_backend(x.device, backend) == "triton":
-        return encode_triton(x, spec, seed=seed)
-    return encode_reference(x, spec, seed=seed)
+    return pick(x.device, backend, encode_triton, encode_reference)(x, spec, seed=seed)
 
 
 def decode(packed: Packed, *, backend: str | None = None) -> torch.Tensor:
     """Rebuild the mask (original shape, dtype and device; contiguous) from a bitmask ``Packed``."""
     if packed.codec != CODEC:
         raise ValueError(f"{CODEC}.decode got a Packed of codec {packed.codec!r}; allowed: {CODEC!r}")
-    if select_backend(packed.device, backend) == "triton":
-        return decode_triton(packed)
-    return decode_reference(packed)
+    return pick(packed.device, backend, decode_triton, decode_reference)(packed)

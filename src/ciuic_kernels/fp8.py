@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._backend import select_backend, triton_available
+from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
 from .specs import FP8Spec
 
@@ -349,15 +349,11 @@ def decode_triton(packed: Packed) -> torch.Tensor:
 
 def encode(x: torch.Tensor, spec: FP8Spec, *, seed: int = 0, backend: str | None = None) -> Packed:
     """Scaled fp8 encode; Triton on CUDA, the reference on CPU (``backend``/CIUIC_BACKEND force one)."""
-    if select_backend(x.device, backend) == "triton":
-        return encode_triton(x, spec, seed=seed)
-    return encode_reference(x, spec, seed=seed)
+    return pick(x.device, backend, encode_triton, encode_reference)(x, spec, seed=seed)
 
 
 def decode(packed: Packed, *, backend: str | None = None) -> torch.Tensor:
     """Rebuild the tensor (original shape, dtype and device; contiguous) from an fp8 ``Packed``."""
     if packed.codec != CODEC:
         raise ValueError(f"{CODEC}.decode got a Packed of codec {packed.codec!r}; allowed: {CODEC!r}")
-    if select_backend(packed.device, backend) == "triton":
-        return decode_triton(packed)
-    return decode_reference(packed)
+    return pick(packed.device, backend, decode_triton, decode_reference)(packed)

@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from ._backend import select_backend, triton_available
+from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
 from ._rng import seed_keys, uniform_reference
 from .specs import QuantSpec
@@ -544,15 +544,11 @@ def decode_triton(packed: Packed) -> torch.Tensor:
 def encode(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0, backend: str | None = None) -> Packed:
     """Quantize ``x`` per group to ``spec.bits`` bits; Triton on CUDA, the reference elsewhere."""
     check_float_input(x, CODEC)
-    if select_backend(x.device, backend) == "triton":
-        return encode_triton(x, spec, seed=seed)
-    return encode_reference(x, spec, seed=seed)
+    return pick(x.device, backend, encode_triton, encode_reference)(x, spec, seed=seed)
 
 
 @torch.no_grad()
 def decode(packed: Packed, *, backend: str | None = None) -> torch.Tensor:
     """Rebuild a tensor of the original shape, dtype and device (contiguous) from ``packed``."""
     _check_packed(packed)
-    if select_backend(packed.device, backend) == "triton":
-        return decode_triton(packed)
-    return decode_reference(packed)
+    return pick(packed.device, backend, decode_triton, decode_reference)(packed)

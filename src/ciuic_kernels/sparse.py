@@ -24,7 +24,7 @@ from fractions import Fraction
 import torch
 
 from . import quant
-from ._backend import select_backend, triton_available
+from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
 from .specs import SparseSpec
 
@@ -177,15 +177,11 @@ def decode_triton(packed: Packed) -> torch.Tensor:
 def encode(x: torch.Tensor, spec: SparseSpec, *, seed: int = 0, backend: str | None = None) -> Packed:
     """Keep the ``spec.fraction`` largest-magnitude values exact, quantize the rest."""
     check_float_input(x, CODEC)
-    if select_backend(x.device, backend) == "triton":
-        return encode_triton(x, spec, seed=seed)
-    return encode_reference(x, spec, seed=seed)
+    return pick(x.device, backend, encode_triton, encode_reference)(x, spec, seed=seed)
 
 
 @torch.no_grad()
 def decode(packed: Packed, *, backend: str | None = None) -> torch.Tensor:
     """Rebuild a tensor of the original shape, dtype and device (contiguous) from ``packed``."""
     _check_packed(packed)
-    if select_backend(packed.device, backend) == "triton":
-        return decode_triton(packed)
-    return decode_reference(packed)
+    return pick(packed.device, backend, decode_triton, decode_reference)(packed)
