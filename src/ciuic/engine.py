@@ -84,8 +84,8 @@ class CompressionStats:
     """Bytes saved tensors would have kept (``bytes_before``) and what ciuic kept (``bytes_after``).
 
     Cumulative since the last ``reset_stats()``; each unique saved tensor is counted once (at the
-    dtype it was saved in). ``live_*`` are the bytes of packs alive right now (0 after backward
-    when nothing leaks); ``peak_live_after`` is their maximum.
+    dtype it was saved in). ``live_*`` are the bytes of the packs made since then that are
+    alive now (0 after backward when nothing leaks); ``peak_live_after`` is their maximum.
     """
 
     tensors_packed: int = 0
@@ -144,12 +144,11 @@ def stats() -> CompressionStats:
 
 
 def reset_stats() -> None:
-    """Zero the cumulative counters (live bytes of packs still alive are kept)."""
+    """Start counting afresh: every counter, live and peak bytes included, covers only the packs
+    made after this call (packs made before are released against the old counters)."""
     global _stats
     with _stats_lock:
-        live = (_stats.live_before, _stats.live_after)
-        _stats = CompressionStats(live_before=live[0], live_after=live[1],
-                                  peak_live_before=live[0], peak_live_after=live[1])
+        _stats = CompressionStats()
 
 
 def _record(module: str, codec: str, cls: str, before: int, after: int) -> None:
@@ -167,10 +166,10 @@ def _record(module: str, codec: str, cls: str, before: int, after: int) -> None:
         st.by_class.setdefault(cls, ByteCount()).add(before, after)
 
 
-def _release(before: int, after: int) -> None:
+def _release(counters: CompressionStats, before: int, after: int) -> None:
     with _stats_lock:
-        _stats.live_before -= before
-        _stats.live_after -= after
+        counters.live_before -= before
+        counters.live_after -= after
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,9 +822,9 @@ class Engine:
         if fixed:
             self._pass_fixed_after += after
         try:
-            weakref.finalize(handle, _release, before, after)
+            weakref.finalize(handle, _release, _stats, before, after)
         except TypeError:
-            _release(before, after)
+            _release(_stats, before, after)
 
     def _unpack(self, handle: Any) -> torch.Tensor:
         if isinstance(handle, torch.Tensor):
