@@ -166,7 +166,9 @@ def _record(module: str, codec: str, cls: str, before: int, after: int) -> None:
         st.by_class.setdefault(cls, ByteCount()).add(before, after)
 
 
-def _release(counters: CompressionStats, before: int, after: int) -> None:
+def _release(charge: list) -> None:
+    """Finalizer of a handle: ``charge`` is [counters it was recorded in, before, after]."""
+    counters, before, after = charge
     with _stats_lock:
         counters.live_before -= before
         counters.live_after -= after
@@ -244,13 +246,14 @@ def _pack_key(t: torch.Tensor, view: tuple) -> tuple:
 class _Pack:
     """A compressed storage (or dense copy of a partial view), shared by every op that saved it."""
 
-    __slots__ = ("packed", "level", "cls", "uses", "_decoded", "__weakref__")
+    __slots__ = ("packed", "level", "cls", "uses", "charge", "_decoded", "__weakref__")
 
     def __init__(self, packed: Packed, level: int, cls: str) -> None:
         self.packed = packed
         self.level = level
         self.cls = cls
         self.uses = 0
+        self.charge: list = []  # [counters, before, after] released when the pack dies
         self._decoded = None
 
     def decode(self) -> torch.Tensor:
@@ -802,9 +805,12 @@ class Engine:
                                                         self.config.rounding), seed=self._seed())
         delta = new.nbytes - pack.packed.nbytes
         pack.packed, pack.level = new, finer[-1]
+        counters = pack.charge[0]
         with _stats_lock:
-            _stats.bytes_after += delta
-            _stats.live_after += delta
+            counters.bytes_after += delta
+            counters.live_after += delta
+            counters.peak_live_after = max(counters.peak_live_after, counters.live_after)
+            pack.charge[2] += delta
 
     def _remember(self, key: tuple, t: torch.Tensor, handle: Any, site_key: tuple | None = None) -> None:
         # Weak references only: the cache must never keep a tensor or a pack alive after backward.
@@ -821,10 +827,13 @@ class Engine:
         self._pass_before += before
         if fixed:
             self._pass_fixed_after += after
+        charge = [_stats, before, after]
+        if isinstance(handle, _Pack):
+            handle.charge = charge  # a later re-pack (``_maybe_upgrade``) adjusts what is released
         try:
-            weakref.finalize(handle, _release, _stats, before, after)
+            weakref.finalize(handle, _release, charge)
         except TypeError:
-            _release(_stats, before, after)
+            _release(charge)
 
     def _unpack(self, handle: Any) -> torch.Tensor:
         if isinstance(handle, torch.Tensor):
