@@ -1,0 +1,559 @@
+"""Block-wise 8/4-bit optimizer state and the fused AdamW update: a Triton kernel and its reference.
+
+State format (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"; the 4-bit maps
+follow Li et al. 2023, "Memory Efficient Optimizers with 4-bit States", as torchao's AdamW4bit):
+
+* A moment of ``n`` elements is cut in blocks of ``B = block_size`` elements (the last block may be
+  partial). Per block, ``scale`` (fp32) = max |x| over the block's finite values (0 for an all-zero
+  block). Each element keeps a code ``c`` into a sorted fp32 map ``Q`` of ``2**bits`` entries:
+  ``x_hat = Q[c] * scale``.
+* ``c`` = the nearest map entry to ``y = x / scale`` (IEEE division; ``y = 0`` when ``scale == 0``
+  or ``x`` is not finite), ties to the lower code: ``c = #{k : mid[k] < y}`` with
+  ``mid[k] = fl32((Q[k] + Q[k+1]) / 2)``, a branchless binary search in the kernel, ``searchsorted``
+  in the reference.
+* Maps: the first moment uses the signed dynamic-tree map (Dettmers 2015, "8-Bit Approximations
+  for Parallelism in Deep Learning": a sign, a decimal exponent given by leading zeros, then linear
+  fraction bits; 7 exponent values at 8 bits, 3 at 4 bits); the second moment uses the unsigned
+  dynamic-tree map at 8 bits and the linear map ``{1/16, ..., 16/16}`` without zero at 4 bits (a
+  zero code would turn small second moments into zero denominators: Li et al.'s "zero-point
+  problem").
+* Layout: 8 bits, one code per byte; 4 bits, element ``2j`` in the low nibble and ``2j+1`` in the
+  high nibble of byte ``j`` (``ceil(n/2)`` bytes). ``bits=32`` means plain fp32 moments.
+
+The fused update (per parameter; PyTorch's AdamW, decoupled weight decay), all in fp32:
+
+    m = m + (1 - beta1) * (g - m)                  # torch's lerp(m, g, 1 - beta1)
+    v = v * beta2 + ((1 - beta2) * g) * g
+    p = p * (1 - lr * weight_decay)
+    p = p - (lr / (1 - beta1**t)) * (m / (sqrt(v) / sqrt(1 - beta2**t) + eps))
+
+``p`` and ``g`` are read in their dtype and computed in fp32; the moments are dequantized before and
+re-quantized after (the parameter update uses the unquantized new moments). The result is written
+back in the parameter's dtype: round to nearest even, or for bf16 with ``stochastic_round`` the
+fp32 bits plus a 16-bit uniform integer from the counter-based RNG (``_rng.py``, seed and element
+index), truncated: unbiased, ``E[bf16(p)] = p`` (Gupta et al. 2015, "Deep Learning with Limited
+Numerical Precision"). NaN stays NaN (0x7FC0 as torch writes it).
+
+Non-finite values: a NaN/Inf gradient makes the parameter NaN exactly where torch's AdamW does (the
+update uses the unquantized moments); the quantized state keeps the block's finite values and
+stores code(0) for the non-finite ones, so one bad element does not poison its block.
+
+Both backends are bit-identical: the scalars are rounded to fp32 on the host, the kernel uses IEEE
+division and square root (``div_rn``, ``sqrt_rn``) and no mul+add fusion (``enable_fp_fusion=False``),
+and the reference performs the same fp32 operations in the same order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._backend import pick, triton_available
+from ._rng import seed_keys, uniform_reference
+
+STATE_BITS = (32, 8, 4)
+BLOCK_SIZES = (64, 128, 256, 512)
+DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
+# Elements per program when the moments are plain fp32 (no quantization blocks).
+_FP32_TILE = 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization maps
+# --------------------------------------------------------------------------------------------------
+
+
+def _dynamic_tree_map(signed: bool, bits: int) -> list[float]:
+    """The dynamic-tree map (Dettmers 2015) with ``2**bits`` sorted entries, 0 and 1 included.
+
+    Decade ``i`` of ``E`` (``E = bits - 1`` exponents, values ``10**(i - E + 1) * f``) holds
+    ``2**i`` fractions per sign when signed, ``2**(i+1)`` when unsigned; the fractions are the
+    midpoints of an even split of [0.1, 1] into that many intervals.
+    """
+    exponents = bits - 1
+    values: list[float] = [0.0, 1.0]
+    for i in range(exponents):
+        count = 2**i if signed else 2 ** (i + 1)
+        edges = [0.1 + 0.9 * k / count for k in range(count + 1)]
+        fractions = [(edges[k] + edges[k + 1]) / 2 for k in range(count)]
+        decade = 10.0 ** (i - exponents + 1)
+        values += [decade * f for f in fractions]
+        if signed:
+            values += [-decade * f for f in fractions]
+    if len(values) != 2**bits:
+        raise AssertionError(f"dynamic map with {len(values)} entries for {bits} bits")
+    return sorted(values)
+
+
+@functools.lru_cache(maxsize=None)
+def _map_values(signed: bool, bits: int) -> tuple[float, ...]:
+    if bits == 8:
+        return tuple(_dynamic_tree_map(signed, 8))
+    if bits == 4:
+        if signed:
+            return tuple(_dynamic_tree_map(True, 4))
+        return tuple(k / 16 for k in range(1, 17))
+    raise ValueError(f"bits={bits!r} is not valid for a quantization map; allowed: 8, 4")
+
+
+@functools.lru_cache(maxsize=None)
+def quantization_map(signed: bool, bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """(map ``Q``: ``2**bits`` fp32 values, midpoints: ``2**bits`` fp32, the last one +inf) on ``device``.
+
+    Computed in float64 on the host and rounded to fp32 once, so every backend reads the same bits.
+    """
+    values = torch.tensor(_map_values(signed, bits), dtype=torch.float64)
+    mids = torch.cat([(values[:-1] + values[1:]) / 2, torch.tensor([math.inf], dtype=torch.float64)])
+    return values.to(torch.float32).to(device), mids.to(torch.float32).to(device)
+
+
+def _fp32(x: float) -> float:
+    """``x`` rounded to fp32 (and back to a Python float, exactly)."""
+    return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+def check_layout(bits: int, block_size: int) -> None:
+    if bits not in STATE_BITS:
+        raise ValueError(f"state bits={bits!r} is not valid; allowed: {', '.join(map(str, STATE_BITS))}")
+    if bits != 32 and block_size not in BLOCK_SIZES:
+        raise ValueError(
+            f"block_size={block_size!r} is not valid; allowed: {', '.join(map(str, BLOCK_SIZES))}"
+        )
+
+
+def code_bytes(numel: int, bits: int) -> int:
+    """Bytes of the codes of a ``numel``-element moment at ``bits`` (8 or 4)."""
+    return numel if bits == 8 else -(-numel // 2)
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    return -(-numel // block_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (the CPU path and the test oracle)
+# --------------------------------------------------------------------------------------------------
+
+
+def _unpack(codes: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """int64 codes of ``count`` elements (``count`` >= the stored ones; missing codes are 0)."""
+    c = codes.to(torch.int64)
+    if bits == 4:
+        c = torch.stack([c & 15, c >> 4], dim=1).view(-1)
+    out = torch.zeros(count, dtype=torch.int64, device=codes.device)
+    k = min(count, c.numel())
+    out[:k] = c[:k]
+    return out
+
+
+def _pack(codes: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """int64 codes (length a multiple of 2, >= numel) -> uint8 bytes of ``numel`` elements."""
+    if bits == 8:
+        return codes[:numel].to(torch.uint8)
+    pairs = codes[: 2 * code_bytes(numel, 4)].view(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+
+
+def _dequantize_padded(codes, scale, signed, bits, block_size, numel) -> torch.Tensor:
+    """(blocks, B) fp32 values; elements past ``numel`` are 0."""
+    nb = num_blocks(numel, block_size)
+    qmap, _ = quantization_map(signed, bits, codes.device)
+    x = qmap[_unpack(codes, bits, nb * block_size)].view(nb, block_size) * scale.view(nb, 1)
+    if nb * block_size > numel:
+        x.view(-1)[numel:] = 0.0
+    return x
+
+
+def _quantize_padded(x: torch.Tensor, signed: bool, bits: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks, B) fp32 -> (uint8 codes of ``numel`` elements, fp32 scale per block). Padding must be 0."""
+    _, mids = quantization_map(signed, bits, x.device)
+    finite = torch.isfinite(x)
+    scale = torch.where(finite, x.abs(), 0.0).amax(dim=1)
+    safe = torch.where(scale > 0, scale, 1.0)
+    y = torch.where(finite, x / safe[:, None], 0.0)
+    codes = torch.searchsorted(mids, y.reshape(-1).contiguous(), right=False)
+    return _pack(codes, bits, numel), scale
+
+
+@torch.no_grad()
+def quantize_state(x: torch.Tensor, *, signed: bool, bits: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a moment (any shape, float) to ``(codes uint8, scale fp32)`` as the update kernel does."""
+    check_layout(bits, block_size)
+    if bits == 32:
+        raise ValueError("quantize_state needs bits 8 or 4 (bits=32 keeps the fp32 tensor)")
+    flat = x.detach().reshape(-1).to(torch.float32)
+    n = flat.numel()
+    nb = num_blocks(n, block_size)
+    padded = torch.zeros(nb * block_size, dtype=torch.float32, device=x.device)
+    padded[:n] = flat
+    return _quantize_padded(padded.view(nb, block_size), signed, bits, n)
+
+
+@torch.no_grad()
+def dequantize_state(codes: torch.Tensor, scale: torch.Tensor, *, signed: bool, bits: int, block_size: int,
+                     numel: int) -> torch.Tensor:
+    """The fp32 values (flat, ``numel`` elements) of a quantized moment."""
+    check_layout(bits, block_size)
+    return _dequantize_padded(codes, scale, signed, bits, block_size, numel).reshape(-1)[:numel].clone()
+
+
+def _bf16_bits_rne(p: torch.Tensor) -> torch.Tensor:
+    return p.to(torch.bfloat16).view(torch.int16)
+
+
+def _bf16_bits_stochastic(p: torch.Tensor, seed: int) -> torch.Tensor:
+    """fp32 -> bf16 bits: add a uniform 16-bit integer to the fp32 bits, keep the high half."""
+    n = p.numel()
+    bits = p.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    noise = torch.empty(n, dtype=torch.int64, device=p.device)
+    chunk = 1 << 16 if p.device.type == "cpu" else max(n, 1)  # the hash runs in cache-sized chunks
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        u = uniform_reference(seed, torch.arange(start, stop, dtype=torch.int64, device=p.device))
+        noise[start:stop] = (u * 65536.0).to(torch.int64)
+    high = ((bits + noise) >> 16) & 0xFFFF
+    high = torch.where(torch.isnan(p), 0x7FC0, high)
+    return (high - ((high >> 15) << 16)).to(torch.int16)
+
+
+def _write_param(param: torch.Tensor, p: torch.Tensor, stochastic_round: bool, seed: int) -> None:
+    """Write fp32 ``p`` (flat, param.numel()) into ``param`` in its dtype."""
+    target = param if param.is_contiguous() else torch.empty_like(param, memory_format=torch.contiguous_format)
+    flat = target.view(-1)
+    if param.dtype == torch.bfloat16:
+        bits = _bf16_bits_stochastic(p, seed) if stochastic_round else _bf16_bits_rne(p)
+        flat.view(torch.int16).copy_(bits)
+    else:
+        flat.copy_(p)
+    if target is not param:
+        param.copy_(target)
+
+
+def _scalars(lr, beta1, beta2, eps, weight_decay, step) -> dict[str, float]:
+    """Host-side scalars, rounded to fp32 once (both backends read exactly these)."""
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    return {
+        "decay": _fp32(1 - lr * weight_decay),
+        "one_minus_beta1": _fp32(1 - beta1),
+        "beta2": _fp32(beta2),
+        "one_minus_beta2": _fp32(1 - beta2),
+        "step_size": _fp32(lr / bias_correction1),
+        "bias_correction2_sqrt": _fp32(math.sqrt(bias_correction2)),
+        "eps": _fp32(eps),
+    }
+
+
+def _adam_math(p, g, m, v, s: dict[str, float]):
+    """The fp32 update, in the kernel's order (see the module docstring)."""
+    m = m + s["one_minus_beta1"] * (g - m)
+    v = v * s["beta2"] + (s["one_minus_beta2"] * g) * g
+    p = p * s["decay"]
+    # torch.sqrt on CPU fp32 is not always correctly rounded; in float64 then rounded to fp32 it is
+    # (double rounding is harmless for sqrt), which is what IEEE sqrt_rn in the kernel returns.
+    denom = torch.sqrt(v.double()).float() / s["bias_correction2_sqrt"] + s["eps"]
+    p = p - s["step_size"] * (m / denom)
+    return p, m, v
+
+
+@torch.no_grad()
+def adamw_update_reference(param, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, exp_avg_sq_scale=None, *,
+                           bits: int, block_size: int, lr: float, beta1: float, beta2: float, eps: float,
+                           weight_decay: float, step: int, stochastic_round: bool = False,
+                           seed: int = 0) -> None:
+    """One AdamW step on ``param`` and its state, in place, with PyTorch ops (see ``adamw_update``)."""
+    n = param.numel()
+    if n == 0:
+        return
+    s = _scalars(lr, beta1, beta2, eps, weight_decay, step)
+    p = param.detach().reshape(-1).to(torch.float32)
+    g = grad.reshape(-1).to(torch.float32)
+    if bits == 32:
+        p, m, v = _adam_math(p, g, exp_avg.view(-1), exp_avg_sq.view(-1), s)
+        exp_avg.view(-1).copy_(m)
+        exp_avg_sq.view(-1).copy_(v)
+    else:
+        nb = num_blocks(n, block_size)
+        padded = nb * block_size
+        if padded > n:
+            p = torch.cat([p, p.new_zeros(padded - n)])
+            g = torch.cat([g, g.new_zeros(padded - n)])
+        m_old = _dequantize_padded(exp_avg, exp_avg_scale, True, bits, block_size, n)
+        v_old = _dequantize_padded(exp_avg_sq, exp_avg_sq_scale, False, bits, block_size, n)
+        p, m, v = _adam_math(p.view(nb, block_size), g.view(nb, block_size), m_old, v_old, s)
+        if padded > n:  # the kernel masks elements past n out of the block statistics
+            m.view(-1)[n:] = 0.0
+            v.view(-1)[n:] = 0.0
+        codes, scale = _quantize_padded(m, True, bits, n)
+        exp_avg.copy_(codes)
+        exp_avg_scale.copy_(scale)
+        codes, scale = _quantize_padded(v, False, bits, n)
+        exp_avg_sq.copy_(codes)
+        exp_avg_sq_scale.copy_(scale)
+        p = p.reshape(-1)[:n]
+    _write_param(param, p.contiguous(), stochastic_round, seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------------
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from ._rng import uniform_triton
+
+    @triton.jit
+    def _load_fp32(ptr, offsets, mask, BF16: tl.constexpr):
+        if BF16:  # ptr is an int16 view of a bf16 tensor (the interpreter's bf16 casts truncate)
+            return (tl.load(ptr + offsets, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _load_moment(codes_ptr, block_scale, qmap_ptr, offsets, byte, half, mask, BITS: tl.constexpr):
+        """Dequantized fp32 moment of ``offsets`` (0 where masked). ``byte`` holds both nibbles at 4 bits."""
+        if BITS == 32:
+            x = tl.load(codes_ptr + offsets, mask=mask, other=0.0)
+        elif BITS == 8:
+            code = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            x = tl.load(qmap_ptr + code) * block_scale
+        else:
+            code = (byte >> (4 * half)) & 15
+            x = tl.load(qmap_ptr + code) * block_scale
+        return tl.where(mask, x, 0.0)
+
+    @triton.jit
+    def _adam_math_triton(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps):
+        m = m + one_minus_beta1 * (g - m)
+        v = v * beta2 + (one_minus_beta2 * g) * g
+        p = p * decay
+        denom = tl.math.div_rn(tl.math.sqrt_rn(v), bc2_sqrt + tl.zeros_like(v)) + eps
+        p = p - step_size * tl.math.div_rn(m, denom)
+        return p, m, v
+
+    @triton.jit
+    def _encode(x, safe_scale, mids_ptr, BITS: tl.constexpr):
+        """Nearest map code of ``x / scale`` (ties down): #{k: mid[k] < y}, by branchless binary search."""
+        finite = tl.abs(x) < float("inf")
+        y = tl.where(finite, tl.math.div_rn(x, safe_scale + tl.zeros_like(x)), 0.0)
+        pos = tl.zeros(x.shape, dtype=tl.int32)
+        for i in tl.static_range(BITS):
+            pos = tl.where(tl.load(mids_ptr + pos + ((1 << (BITS - 1 - i)) - 1)) < y, pos + (1 << (BITS - 1 - i)), pos)
+        return pos
+
+    @triton.jit
+    def _store_param(p_ptr, offsets, mask, p, k1, k2, P_BF16: tl.constexpr, STOCHASTIC: tl.constexpr):
+        if P_BF16:
+            b = p.to(tl.uint32, bitcast=True)
+            if STOCHASTIC:
+                noise = (uniform_triton(k1, k2, offsets) * 65536.0).to(tl.uint32)
+                high = (b + noise) >> 16
+            else:
+                high = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            high = tl.where(p != p, 0x7FC0, high)
+            tl.store(p_ptr + offsets, high.to(tl.int16), mask=mask)
+        else:
+            tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _adamw_kernel(
+        p_ptr, g_ptr, m_ptr, m_scale_ptr, v_ptr, v_scale_ptr,
+        m_map_ptr, m_mids_ptr, v_map_ptr, v_mids_ptr,
+        n, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps, k1, k2,
+        BITS: tl.constexpr, BLOCK: tl.constexpr, P_BF16: tl.constexpr, G_BF16: tl.constexpr,
+        STOCHASTIC: tl.constexpr,
+    ):  # fmt: skip
+        """One program = one quantization block of BLOCK elements (a tile of BLOCK at ``BITS=32``),
+        processed as its even and odd elements so a 4-bit byte holds one of each."""
+        HALF: tl.constexpr = BLOCK // 2
+        block = tl.program_id(0).to(tl.int64)
+        j = tl.arange(0, HALF)
+        e0 = block * BLOCK + 2 * j
+        e1 = e0 + 1
+        in0 = e0 < n
+        in1 = e1 < n
+        p0 = _load_fp32(p_ptr, e0, in0, P_BF16)
+        p1 = _load_fp32(p_ptr, e1, in1, P_BF16)
+        g0 = _load_fp32(g_ptr, e0, in0, G_BF16)
+        g1 = _load_fp32(g_ptr, e1, in1, G_BF16)
+        if BITS == 32:
+            m_scale = 1.0
+            v_scale = 1.0
+            m_byte = j
+            v_byte = j
+        else:
+            m_scale = tl.load(m_scale_ptr + block)
+            v_scale = tl.load(v_scale_ptr + block)
+            if BITS == 4:
+                m_byte = tl.load(m_ptr + block * HALF + j, mask=in0, other=0).to(tl.int32)
+                v_byte = tl.load(v_ptr + block * HALF + j, mask=in0, other=0).to(tl.int32)
+            else:
+                m_byte = j
+                v_byte = j
+        m0 = _load_moment(m_ptr, m_scale, m_map_ptr, e0, m_byte, 0, in0, BITS)
+        m1 = _load_moment(m_ptr, m_scale, m_map_ptr, e1, m_byte, 1, in1, BITS)
+        v0 = _load_moment(v_ptr, v_scale, v_map_ptr, e0, v_byte, 0, in0, BITS)
+        v1 = _load_moment(v_ptr, v_scale, v_map_ptr, e1, v_byte, 1, in1, BITS)
+        p0, m0, v0 = _adam_math_triton(p0, g0, m0, v0, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
+                                       bc2_sqrt, eps)
+        p1, m1, v1 = _adam_math_triton(p1, g1, m1, v1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
+                                       bc2_sqrt, eps)
+        _store_param(p_ptr, e0, in0, p0, k1, k2, P_BF16, STOCHASTIC)
+        _store_param(p_ptr, e1, in1, p1, k1, k2, P_BF16, STOCHASTIC)
+        if BITS == 32:
+            tl.store(m_ptr + e0, m0, mask=in0)
+            tl.store(m_ptr + e1, m1, mask=in1)
+            tl.store(v_ptr + e0, v0, mask=in0)
+            tl.store(v_ptr + e1, v1, mask=in1)
+        else:
+            m0 = tl.where(in0, m0, 0.0)
+            m1 = tl.where(in1, m1, 0.0)
+            v0 = tl.where(in0, v0, 0.0)
+            v1 = tl.where(in1, v1, 0.0)
+            m_abs = tl.maximum(tl.max(tl.where(tl.abs(m0) < float("inf"), tl.abs(m0), 0.0), axis=0),
+                               tl.max(tl.where(tl.abs(m1) < float("inf"), tl.abs(m1), 0.0), axis=0))
+            v_abs = tl.maximum(tl.max(tl.where(tl.abs(v0) < float("inf"), tl.abs(v0), 0.0), axis=0),
+                               tl.max(tl.where(tl.abs(v1) < float("inf"), tl.abs(v1), 0.0), axis=0))
+            tl.store(m_scale_ptr + block, m_abs)
+            tl.store(v_scale_ptr + block, v_abs)
+            m_safe = tl.where(m_abs > 0, m_abs, 1.0)
+            v_safe = tl.where(v_abs > 0, v_abs, 1.0)
+            cm0 = _encode(m0, m_safe, m_mids_ptr, BITS)
+            cm1 = _encode(m1, m_safe, m_mids_ptr, BITS)
+            cv0 = _encode(v0, v_safe, v_mids_ptr, BITS)
+            cv1 = _encode(v1, v_safe, v_mids_ptr, BITS)
+            if BITS == 4:
+                tl.store(m_ptr + block * HALF + j, (cm0 | (cm1 << 4)).to(tl.uint8), mask=in0)
+                tl.store(v_ptr + block * HALF + j, (cv0 | (cv1 << 4)).to(tl.uint8), mask=in0)
+            else:
+                tl.store(m_ptr + e0, cm0.to(tl.uint8), mask=in0)
+                tl.store(m_ptr + e1, cm1.to(tl.uint8), mask=in1)
+                tl.store(v_ptr + e0, cv0.to(tl.uint8), mask=in0)
+                tl.store(v_ptr + e1, cv1.to(tl.uint8), mask=in1)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block >= 256 else 2
+
+
+def _kernel_dtype(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(the tensor the kernel reads, whether it is an int16 view of bf16)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16), True
+    return t, False
+
+
+@torch.no_grad()
+def adamw_update_triton(param, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, exp_avg_sq_scale=None, *,
+                        bits: int, block_size: int, lr: float, beta1: float, beta2: float, eps: float,
+                        weight_decay: float, step: int, stochastic_round: bool = False, seed: int = 0) -> None:
+    """One AdamW step with the fused Triton kernel (one launch per parameter)."""
+    if not triton_available():
+        raise RuntimeError("optim_state.adamw_update_triton needs triton, which is not installed")
+    n = param.numel()
+    if n == 0:
+        return
+    s = _scalars(lr, beta1, beta2, eps, weight_decay, step)
+    target = param if param.is_contiguous() else param.contiguous()
+    p_arg, p_bf16 = _kernel_dtype(target.view(-1))
+    g_arg, g_bf16 = _kernel_dtype(grad.reshape(-1).contiguous())
+    block = _FP32_TILE if bits == 32 else block_size
+    dev = param.device
+    if bits == 32:
+        m_map = m_mids = v_map = v_mids = exp_avg  # unused at 32 bits
+        m_scale, v_scale = exp_avg, exp_avg_sq
+    else:
+        m_map, m_mids = quantization_map(True, bits, dev)
+        v_map, v_mids = quantization_map(False, bits, dev)
+        m_scale, v_scale = exp_avg_scale, exp_avg_sq_scale
+    k1, k2 = seed_keys(seed)
+    grid = (num_blocks(n, block),)
+    _adamw_kernel[grid](
+        p_arg, g_arg, exp_avg, m_scale, exp_avg_sq, v_scale, m_map, m_mids, v_map, v_mids,
+        n, s["one_minus_beta1"], s["beta2"], s["one_minus_beta2"], s["decay"], s["step_size"],
+        s["bias_correction2_sqrt"], s["eps"], k1, k2,
+        BITS=bits, BLOCK=block, P_BF16=p_bf16, G_BF16=g_bf16,
+        STOCHASTIC=bool(stochastic_round and p_bf16),
+        num_warps=_num_warps(block), enable_fp_fusion=False,
+    )  # fmt: skip
+    if target is not param:
+        param.copy_(target)
+
+
+@torch.no_grad()
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                 exp_avg_scale: torch.Tensor | None = None, exp_avg_sq_scale: torch.Tensor | None = None, *,
+                 bits: int, block_size: int, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay: float, step: int, stochastic_round: bool = False, seed: int = 0,
+                 backend: str | None = None) -> None:
+    """One fused AdamW step on ``param`` (in place) and its moments (in place).
+
+    ``bits=32``: ``exp_avg``/``exp_avg_sq`` are fp32 tensors with ``param.numel()`` elements and the
+    scales are None. ``bits=8|4``: they are uint8 codes (``code_bytes(n, bits)``) and the scales
+    fp32 tensors of ``num_blocks(n, block_size)`` elements (see the module docstring). ``step`` is
+    the 1-based step count (for the bias corrections); ``seed`` drives bf16 stochastic rounding
+    (applies to bf16 parameters only). Triton on CUDA, the reference elsewhere.
+    """
+    check_layout(bits, block_size)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        raise ValueError(f"step={step!r} is not valid; allowed: an int >= 1")
+    impl = pick(param.device, backend, adamw_update_triton, adamw_update_reference)
+    impl(param, grad, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, bits=bits, block_size=block_size,
+         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+         stochastic_round=stochastic_round, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ahead-of-time report: every launch configuration of the kernel
+# --------------------------------------------------------------------------------------------------
+
+_AOT_DTYPES = (  # (param pointer, grad pointer, param is bf16, grad is bf16, stochastic, name)
+    ("*fp32", "*fp32", False, False, False, "fp32"),
+    ("*fp16", "*fp16", False, False, False, "fp16"),
+    ("*i16", "*i16", True, True, False, "bf16"),
+    ("*i16", "*i16", True, True, True, "bf16,sr"),
+    ("*i16", "*fp32", True, False, False, "bf16,grad=fp32"),
+    ("*i16", "*fp32", True, False, True, "bf16,grad=fp32,sr"),
+)
+
+
+def AOT_CONFIGS() -> list[dict]:
+    """Every (bits, block, dtype, rounding) the launcher can pick, for ``benchmarks/kernels.py``."""
+    if not triton_available():
+        return []
+    configs = []
+    for bits in STATE_BITS:
+        blocks = (_FP32_TILE,) if bits == 32 else BLOCK_SIZES
+        state = "*fp32" if bits == 32 else "*u8"
+        scale = "*fp32"
+        for block in blocks:
+            for p_sig, g_sig, p_bf16, g_bf16, stochastic, name in _AOT_DTYPES:
+                signature = {
+                    "p_ptr": p_sig, "g_ptr": g_sig, "m_ptr": state, "m_scale_ptr": scale,
+                    "v_ptr": state, "v_scale_ptr": scale, "m_map_ptr": "*fp32", "m_mids_ptr": "*fp32",
+                    "v_map_ptr": "*fp32", "v_mids_ptr": "*fp32", "n": "i32",
+                    "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "decay": "fp32",
+                    "step_size": "fp32", "bc2_sqrt": "fp32", "eps": "fp32", "k1": "i32", "k2": "i32",
+                    "BITS": "constexpr", "BLOCK": "constexpr", "P_BF16": "constexpr", "G_BF16": "constexpr",
+                    "STOCHASTIC": "constexpr",
+                }  # fmt: skip
+                configs.append({
+                    "kernel": _adamw_kernel,
+                    "signature": signature,
+                    "constexprs": {"BITS": bits, "BLOCK": block, "P_BF16": p_bf16, "G_BF16": g_bf16,
+                                   "STOCHASTIC": stochastic},
+                    "name": f"adamw_update[bits={bits},block={block},{name}]",
+                    "num_warps": _num_warps(block),
+                    "enable_fp_fusion": False,
+                })  # fmt: skip
+    return configs
+
+
+__all__ = [
+    "STATE_BITS", "BLOCK_SIZES", "DEFAULT_BLOCK_SIZE", "AOT_CONFIGS", "adamw_update", "adamw_update_reference",
+    "adamw_update_triton", "quantize_state", "dequantize_state", "quantization_map", "code_bytes", "num_blocks",
+    "check_layout",
+]
