@@ -109,10 +109,10 @@ def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor, index: i
 
 
 def quant_nbytes(numel: int, bits: int, group_size: int) -> int:
-    """Bytes the quant codec keeps: packed payload + bf16 minimum and uint8 scale code per group
-    + one fp32 reference scale (must match ``ciuic_kernels.quant``)."""
-    groups = -(-numel // group_size)
-    return -(-numel * bits // 8) + 3 * groups + 4
+    """Bytes the quant codec keeps (its own count: ``ciuic_kernels.quant.packed_nbytes``)."""
+    from ciuic_kernels.quant import packed_nbytes
+
+    return packed_nbytes(numel, bits, group_size)
 
 
 def level_nbytes(level: int, numel: int, element_size: int, group_size: int) -> int:

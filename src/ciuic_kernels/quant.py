@@ -1,38 +1,43 @@
 """Per-group asymmetric k-bit quantization (8, 4 or 2 bits) with nearest or stochastic rounding.
 
-The math, identical in both backends and computed in fp32 (the layout follows the per-group
-min/scale codecs of ActNN, Chen et al. 2021, "ActNN: Reducing Training Memory Footprint via
-2-Bit Activation Compressed Training", and the 8-bit exponent-coded scales of Dettmers et al. 2022,
-"8-bit Optimizers via Block-wise Quantization"):
+One pass each way: encode reads the input once (every group's metadata comes from the group
+itself, no tensor-wide reduction, no host sync) and decode reads the pack once. The layout follows
+the per-group min/scale codecs of ActNN (Chen et al. 2021, "ActNN: Reducing Training Memory
+Footprint via 2-Bit Activation Compressed Training"); the absolute 16-bit per-group scale replaces a
+scale coded against a tensor-wide reference, as the OCP microscaling formats (MX, 2023) keep each
+block's scale self-contained. All arithmetic is fp32 and identical in both backends:
 
 * ``x`` is flattened and cut in groups of ``G = spec.group_size`` elements (the tail group may be
-  partial). NaN/+-Inf go to a side channel (``nonfinite_index`` int64, ``nonfinite_value`` in the
-  original dtype), are encoded as code 0 and put back on decode; the statistics use finite values.
-* Per group: ``mn``/``mx`` = min/max of the finite values (0 when the group has none).
-  ``mn_b`` = ``mn`` rounded *down* to bf16 (``minimum``, 2 bytes), so ``x - mn_b >= 0``.
-* ``raw = (mx - mn_b) / qmax`` with ``qmax = 2**bits - 1``; ``g = max(raw)`` over the tensor
-  (1 if 0) is ``reference_scale`` (fp32). Each group stores an 8-bit log-scale ``scale_code``:
-  ``code = clamp(floor(-16 * log2(raw / g)), 0, 255)`` (255 when ``raw == 0``) and
-  ``s = g * 2**(-code / 16)``; if ``s < raw`` (rounding) the code is lowered by one, so ``s >= raw``.
-  24 bits of metadata per group instead of 64 for an fp32 min and scale.
-* ``q = clamp(floor((x - mn_b) / s + u), 0, qmax)``, ``u = 0.5`` (nearest) or a counter-based
-  uniform of ``(seed, flat index)`` (stochastic, unbiased: ``E[mn_b + q * s] = x``).
+  partial). ``qmax = 2**bits - 1``.
+* Per group: ``mn``/``mx`` = min/max of its finite values (0 when it has none); ``mn_b`` = ``mn``
+  rounded *down* to bf16 (``minimum``, 2 bytes), so ``x - mn_b >= 0``.
+* ``levels = qmax`` (``qmax - 3`` when the group holds NaN/Inf, see below);
+  ``raw = (mx - mn_b) / max(levels, 1)`` (IEEE division); the step ``s`` = ``raw`` rounded *up* to
+  bf16, at least 2**-126 (the smallest normal fp32, so no step is subnormal). ``scale`` stores ``s``
+  as bf16 (2 bytes) whose sign bit is the group's non-finite flag: ``scale < 0`` means the group
+  holds NaN/Inf and the step is ``-scale``. ``s >= raw`` within one bf16 ulp (< 0.8%).
+* finite ``x``: ``q = clamp(floor((x - mn_b) / s + u), 0, levels)``, ``u = 0.5`` (nearest) or a
+  counter-based uniform of ``(seed, flat index)`` (stochastic, unbiased: ``E[mn_b + q * s] = x``).
+* NaN / +Inf / -Inf are kept exactly with reserved codes, inside the same pass: in a flagged group
+  codes ``qmax``, ``qmax - 1``, ``qmax - 2`` mean NaN, +Inf, -Inf and its finite values get the
+  ``qmax - 2`` codes below (253 at 8 bits, 13 at 4 bits, 1 at 2 bits: there they decode to the
+  group minimum). Such a group is a step AMP's GradScaler skips; only the non-finite values must
+  survive, and they do, exactly (NaN as the canonical NaN).
 * ``payload`` (uint8, ``ceil(n * bits / 8)`` bytes): 8 bits one code per byte; 4 bits element
   ``2j`` in the low nibble and ``2j+1`` in the high one; 2 bits element ``4j+r`` at bits ``2r``.
-* decode: ``x_hat = mn_b + q * s`` in fp32, cast to the original dtype (round to nearest even).
+* decode: ``x_hat = mn_b + q * s`` in fp32 (a multiply then an add, two roundings), cast to the
+  original dtype (round to nearest even); reserved codes of a flagged group decode to NaN/+-Inf.
 
-Both backends are bit-identical, on GPU too, because nothing in them is approximate:
-``floor(-16 * log2(r))`` is evaluated exactly from the exponent bits of ``r`` plus a comparison of its
-mantissa with the 16 fp32 thresholds ``2**(k/16)``; ``2**(-code/16)`` is a 256-entry fp32 table
-shared by both backends; divisions are IEEE (``div_rn``); mul+add fusion is off in the kernels.
+Bytes kept: ``ceil(n * bits / 8) + 4 * ceil(n / G)`` (``packed_nbytes``): 32 bits of metadata per
+group. Against bf16 with G = 64: 0.53125 (8 bits), 0.28125 (4), 0.15625 (2).
+
+Both backends are bit-identical, on GPU too, because nothing in them is approximate: roundings to
+bf16 are done on the bits, divisions are IEEE (``div_rn``), mul+add fusion is off in the kernels.
 Limitation: a group whose finite range ``mx - mn`` overflows fp32 (|values| near 1.7e38) is not
 representable and decodes to inf/nan.
 """
 
 from __future__ import annotations
-
-import functools
-import math
 
 import torch
 
@@ -42,21 +47,21 @@ from ._rng import seed_keys, uniform_reference
 from .specs import QuantSpec
 
 CODEC = "quant"
-_SMALLEST_NORMAL_FP32 = 1.1754943508222875e-38
-# Kernel tiles hold about this many elements (GROUPS_PER_PROGRAM x group_size).
+# Kernel tiles hold this many elements (GROUPS_PER_PROGRAM x group_size), 4 warps: 32 elements
+# per thread, so the bf16 input moves in 128-bit and the 2-bit payload in 64-bit accesses.
 _TILE_ELEMENTS = 4096
+_NUM_WARPS = 4
 _RNG_CHUNK = 1 << 16
+# Decoded NaN is always the canonical quiet NaN of the output dtype (as an integer of its width).
+_INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
+_SMALLEST_NORMAL_BITS = 0x00800000  # 2**-126 as fp32 bits
 
 
-@functools.lru_cache(maxsize=None)
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(16 thresholds fl32(2**(k/16)), 256 steps fl32(2**(-c/16))) on ``device``.
-
-    Computed once on the host in float64 and rounded to fp32, so every backend reads the same bits.
-    """
-    thresholds = torch.tensor([2.0 ** (k / 16) for k in range(16)], dtype=torch.float64)
-    steps = torch.tensor([2.0 ** (-c / 16) for c in range(256)], dtype=torch.float64)
-    return thresholds.to(torch.float32).to(device), steps.to(torch.float32).to(device)
+def packed_nbytes(numel: int, bits: int, group_size: int) -> int:
+    """Exactly the bytes ``encode`` keeps for ``numel`` elements (payload + 4 bytes per group)."""
+    groups = -(-numel // group_size)
+    return -(-numel * bits // 8) + 4 * groups
 
 
 def _check_arguments(x: torch.Tensor, spec: QuantSpec, seed: int) -> None:
@@ -72,6 +77,17 @@ def _check_packed(packed: Packed) -> None:
         raise ValueError(f"{CODEC}.decode: expected a Packed with codec='quant', got {got!r}")
 
 
+def _make_packed(x, spec, *, payload, minimum, scale) -> Packed:
+    return Packed(
+        codec=CODEC,
+        shape=x.shape,
+        dtype=x.dtype,
+        bits=spec.bits,
+        tensors={"payload": payload, "minimum": minimum, "scale": scale},
+        params={"group_size": spec.group_size, "rounding": spec.rounding},
+    )
+
+
 def _empty_packed(x: torch.Tensor, spec: QuantSpec) -> Packed:
     dev = x.device
     return _make_packed(
@@ -79,41 +95,8 @@ def _empty_packed(x: torch.Tensor, spec: QuantSpec) -> Packed:
         spec,
         payload=torch.empty(0, dtype=torch.uint8, device=dev),
         minimum=torch.empty(0, dtype=torch.bfloat16, device=dev),
-        scale_code=torch.empty(0, dtype=torch.uint8, device=dev),
-        reference_scale=torch.empty(0, dtype=torch.float32, device=dev),
-        nonfinite_index=torch.empty(0, dtype=torch.int64, device=dev),
-        nonfinite_value=torch.empty(0, dtype=x.dtype, device=dev),
+        scale=torch.empty(0, dtype=torch.bfloat16, device=dev),
     )
-
-
-def _make_packed(x, spec, *, payload, minimum, scale_code, reference_scale, nonfinite_index, nonfinite_value):
-    return Packed(
-        codec=CODEC,
-        shape=x.shape,
-        dtype=x.dtype,
-        bits=spec.bits,
-        tensors={
-            "payload": payload,
-            "minimum": minimum,
-            "scale_code": scale_code,
-            "reference_scale": reference_scale,
-            "nonfinite_index": nonfinite_index,
-            "nonfinite_value": nonfinite_value,
-        },
-        params={"group_size": spec.group_size, "rounding": spec.rounding},
-    )
-
-
-def _nonfinite_side_channel(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    index = (~torch.isfinite(flat)).nonzero().view(-1)
-    return index, flat[index]
-
-
-def _restore_nonfinite(out: torch.Tensor, packed: Packed) -> torch.Tensor:
-    index = packed.tensors["nonfinite_index"]
-    if index.numel():
-        out[index] = packed.tensors["nonfinite_value"]
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,21 +113,10 @@ def _round_down_to_bf16(v: torch.Tensor) -> torch.Tensor:
     return t.view(torch.float32)
 
 
-def _scale_codes_reference(raw: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(code int32, step s fp32) per group; see the module docstring."""
-    thresholds, steps = _tables(raw.device)
-    r = raw / g
-    b = r.view(torch.int32)
-    exponent = ((b >> 23) & 0xFF) - 127
-    mantissa = ((b & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # r = mantissa * 2**exponent
-    # floor(-16 log2 r) = -16 e - ceil(16 log2 m), and ceil(16 log2 m) = #{k < 16: m > 2**(k/16)}.
-    ceil16 = torch.searchsorted(thresholds, mantissa).to(torch.int32)  # #{k: thresholds[k] < m}
-    code = -16 * exponent - ceil16
-    code = torch.where(r >= _SMALLEST_NORMAL_FP32, code, 255).clamp_(0, 255)
-    s = g * steps[code]
-    code = code - ((s < raw) & (code > 0)).to(torch.int32)
-    s = g * steps[code]
-    return code, s
+def _step_bits_reference(raw: torch.Tensor) -> torch.Tensor:
+    """fp32 bits (int32) of the step: ``raw >= 0`` rounded up to bf16, at least 2**-126."""
+    b = (raw.view(torch.int32) + 0xFFFF) & -65536
+    return torch.clamp_min(b, _SMALLEST_NORMAL_BITS)
 
 
 def _add_uniforms_(y: torch.Tensor, seed: int) -> None:
@@ -184,7 +156,8 @@ def _unpack_codes(payload: torch.Tensor, bits: int) -> torch.Tensor:
 
 @torch.no_grad()  # a pack must not keep an autograd graph (and x) alive
 def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
-    """Quantize ``x`` with pure PyTorch ops (vectorized over groups; no Python loop over data)."""
+    """Quantize ``x`` with pure PyTorch ops (vectorized over groups; no Python loop over data, no
+    host sync: the same work whether or not ``x`` holds NaN/Inf)."""
     _check_arguments(x, spec, seed)
     flat = x.reshape(-1)
     n = flat.numel()
@@ -194,62 +167,48 @@ def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Pack
     qmax = (1 << bits) - 1
     num_groups = -(-n // group)
     pad = num_groups * group - n
-    dev = x.device
 
     xf = flat.to(torch.float32)
-    # Fast path (no NaN/Inf): pad with a copy of the last element, which is already in the last
-    # group's stats; amin/amax propagate NaN/Inf, so non-finite input shows up in mn/mx.
+    # Pad with a copy of the last element: it is already in the last group, so the group's
+    # min, max and non-finite flag do not change; padded codes are zeroed below.
     xg = (torch.cat([xf, xf[-1:].expand(pad)]) if pad else xf).view(num_groups, group)
-    mn, mx = xg.amin(1), xg.amax(1)  # 5x faster than aminmax(dim=1) on CPU for short rows
-    valid = None
-    if bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
-        nonfinite_index = torch.empty(0, dtype=torch.int64, device=dev)
-        nonfinite_value = flat[:0].clone()
-    else:
-        finite = torch.isfinite(xf)
-        nonfinite_index = (~finite).nonzero().view(-1)
-        nonfinite_value = flat[nonfinite_index]
-        xg = torch.cat([xf, xf.new_zeros(pad)]).view(num_groups, group)
-        valid = torch.cat([finite, finite.new_zeros(pad)]).view(num_groups, group)
-        mn = xg.masked_fill(~valid, math.inf).amin(1)
-        mx = xg.masked_fill(~valid, -math.inf).amax(1)
-        has_finite = valid.any(1)
-        mn = torch.where(has_finite, mn, 0.0)
-        mx = torch.where(has_finite, mx, 0.0)
+    finite = torch.isfinite(xg)
+    mn = xg.masked_fill(~finite, float("inf")).amin(1)
+    mx = xg.masked_fill(~finite, float("-inf")).amax(1)
+    has_finite = mn <= mx
+    mn = torch.where(has_finite, mn, 0.0)
+    mx = torch.where(has_finite, mx, 0.0)
+    flagged = ~finite.all(1)
 
     mn_b = _round_down_to_bf16(mn)
+    levels = torch.where(flagged, max(qmax - 3, 0), qmax).to(torch.float32)
     # Divide by a tensor: a Python-scalar divisor becomes a reciprocal multiply on CUDA.
-    raw = (mx - mn_b) / torch.full((), float(qmax), device=dev)
-    g = raw.amax()
-    g = torch.where(g == 0, 1.0, g)
-    code, s = _scale_codes_reference(raw, g)
+    raw = (mx - mn_b) / levels.clamp_min(1.0)
+    step_bits = _step_bits_reference(raw)
+    s = step_bits.view(torch.float32)
 
-    if valid is not None:
-        xg = torch.where(valid, xg, mn_b[:, None])  # keep NaN/Inf out of the arithmetic
-    s_div = torch.where(s > 0, s, 1.0)  # s underflows to 0 only for subnormal ranges
+    # NaN -> qmax, +Inf -> qmax - 1, -Inf -> qmax - 2 (only where not finite)
+    special = torch.where(torch.isnan(xg), qmax, torch.where(xg > 0, qmax - 1, qmax - 2)).to(torch.float32)
+    xg = torch.where(finite, xg, mn_b[:, None])  # keep NaN/Inf out of the arithmetic
     # In place after the first op: fresh multi-MB buffers cost page faults on CPU.
-    y = torch.sub(xg, mn_b[:, None]).div_(s_div[:, None])
+    y = torch.sub(xg, mn_b[:, None]).div_(s[:, None])
     if spec.rounding == "stochastic":
         _add_uniforms_(y.view(-1), seed)
     else:
         y.add_(0.5)
-    q = y.floor_().clamp_(0, qmax)
-    if valid is not None:
-        q.masked_fill_(~valid, 0)
-    q = q.view(-1)
+    q = torch.minimum(y.floor_().clamp_min_(0), levels[:, None])
+    q = torch.where(finite, q, special).view(-1)
     if pad:
         q[n:] = 0
     payload = _pack_codes(q, bits, n)
 
+    scale_bits = (step_bits >> 16) | (flagged.to(torch.int32) << 15)
     return _make_packed(
         x,
         spec,
         payload=payload,
-        minimum=mn_b.to(torch.bfloat16),
-        scale_code=code.to(torch.uint8),
-        reference_scale=g.reshape(1),
-        nonfinite_index=nonfinite_index,
-        nonfinite_value=nonfinite_value,
+        minimum=mn_b.to(torch.bfloat16),  # exact: mn_b is a bf16 value
+        scale=scale_bits.to(torch.int16).view(torch.bfloat16),
     )
 
 
@@ -262,17 +221,26 @@ def decode_reference(packed: Packed) -> torch.Tensor:
     if n == 0:
         return torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
     group, bits = packed.params["group_size"], packed.bits
+    qmax = (1 << bits) - 1
     num_groups = -(-n // group)
-    _, steps = _tables(packed.device)
-    s = t["reference_scale"] * steps[t["scale_code"].to(torch.int64)]
+    scale_bits = t["scale"].view(torch.int16).to(torch.int32)
+    s = ((scale_bits & 0x7FFF) << 16).view(torch.float32)
+    flagged = scale_bits < 0
     mn_b = t["minimum"].to(torch.float32)
     q = torch.empty(num_groups * group, dtype=torch.float32, device=packed.device)
     q[:n] = _unpack_codes(t["payload"], bits)[:n]
     q[n:] = 0
+    qg = q.view(num_groups, group)
     # mul then add, two roundings like the kernel (fp fusion is off there).
-    x_hat = q.view(num_groups, group).mul_(s[:, None]).add_(mn_b[:, None]).view(-1)[:n]
-    out = _restore_nonfinite(x_hat.to(packed.dtype), packed)
-    return out.view(packed.shape)
+    x_hat = qg * s[:, None]
+    x_hat.add_(mn_b[:, None])
+    special = torch.where(qg == qmax, float("nan"), torch.where(qg == qmax - 1, float("inf"), float("-inf")))
+    x_hat = torch.where(flagged[:, None] & (qg >= qmax - 2), special, x_hat)
+    out = x_hat.view(-1)[:n].to(packed.dtype)
+    # One NaN bit pattern in every backend (torch's vectorized casts may emit another one).
+    bits = out.view(_INT_OF[packed.dtype])
+    out = torch.where(torch.isnan(out), torch.full((), _CANONICAL_NAN[packed.dtype], dtype=bits.dtype, device=out.device), bits)
+    return out.view(packed.dtype).view(packed.shape)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +252,6 @@ if triton_available():
     import triton.language as tl
 
     from ._rng import uniform_triton
-    from ._settings import calculate_settings
 
     @triton.jit
     def _round_down_to_bf16_triton(v):
@@ -299,168 +266,182 @@ if triton_available():
         return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _load_fp32(ptr, offsets, mask, IN_BF16: tl.constexpr):
-        if IN_BF16:  # ptr is an int16 view of the bf16 tensor
-            return _bf16_bits_to_fp32(tl.load(ptr + offsets, mask=mask, other=0))
-        return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _step_triton(raw, g, thresholds_ptr, steps_ptr):
-        """(code, s) per group, exactly as ``_scale_codes_reference``."""
-        r = tl.math.div_rn(raw, g + tl.zeros_like(raw))
-        b = r.to(tl.int32, bitcast=True)
-        exponent = ((b >> 23) & 0xFF) - 127
-        mantissa = ((b & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
-        thresholds = tl.load(thresholds_ptr + tl.arange(0, 16))
-        ceil16 = tl.sum((mantissa[:, None] > thresholds[None, :]).to(tl.int32), axis=1)
-        code = -16 * exponent - ceil16
-        code = tl.where(r >= 1.1754943508222875e-38, code, 255)
-        code = tl.minimum(tl.maximum(code, 0), 255)
-        s = g * tl.load(steps_ptr + code)
-        code = tl.where((s < raw) & (code > 0), code - 1, code)
-        s = g * tl.load(steps_ptr + code)
-        return code, s
-
-    @triton.jit
-    def _stats_kernel(
-        x_ptr,
-        minimum_ptr,
-        raw_ptr,
-        n,
-        num_groups,
-        QMAX: tl.constexpr,
-        GROUP: tl.constexpr,
-        GROUPS_PER_PROGRAM: tl.constexpr,
-        IN_BF16: tl.constexpr,
-    ):
-        """Per group: finite min rounded down to bf16 (-> ``minimum``) and ``(max - min_b) / qmax``.
-
-        ``minimum_ptr`` is an int16 view: the bf16 bits are the high half of ``mn_b``'s.
-        """
-        groups = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
-        offsets = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-        in_range = offsets < n
-        x = _load_fp32(x_ptr, offsets, in_range, IN_BF16)
-        valid = in_range & (tl.abs(x) < float("inf"))  # false for NaN too
-        mn = tl.min(tl.where(valid, x, float("inf")), axis=1)
-        mx = tl.max(tl.where(valid, x, float("-inf")), axis=1)
-        has_finite = tl.max(valid.to(tl.int32), axis=1) > 0
-        mn = tl.where(has_finite, mn, 0.0)
-        mx = tl.where(has_finite, mx, 0.0)
-        mn_b = _round_down_to_bf16_triton(mn)
-        diff = mx - mn_b
-        raw = tl.math.div_rn(diff, tl.full(diff.shape, QMAX, tl.float32))
-        keep = groups < num_groups
-        tl.store(minimum_ptr + groups, (mn_b.to(tl.int32, bitcast=True) >> 16).to(tl.int16), mask=keep)
-        tl.store(raw_ptr + groups, raw, mask=keep)
-
-    @triton.jit
     def _encode_kernel(
         x_ptr,
-        minimum_ptr,
-        raw_ptr,
-        g_ptr,
-        thresholds_ptr,
-        steps_ptr,
         payload_ptr,
-        code_ptr,
+        minimum_ptr,
+        scale_ptr,
         n,
         num_groups,
-        num_bytes,
         k1,
         k2,
         BITS: tl.constexpr,
-        PER_BYTE: tl.constexpr,
         GROUP: tl.constexpr,
         GROUPS_PER_PROGRAM: tl.constexpr,
         STOCHASTIC: tl.constexpr,
         IN_BF16: tl.constexpr,
     ):
-        """Scale code per group, then ``q = clamp(floor((x - mn_b) / s + u), 0, qmax)`` bit-packed.
+        """One pass over a [GROUPS_PER_PROGRAM, GROUP] tile: group stats, step, codes, bit-packing.
 
-        The tile is [groups, bytes per group, codes per byte] so packing is a sum over the last axis.
+        ``x_ptr`` is an int16 view for bf16 input; ``minimum_ptr``/``scale_ptr`` are int16 views.
         """
         QMAX: tl.constexpr = (1 << BITS) - 1
-        BYTES_PER_GROUP: tl.constexpr = GROUP // PER_BYTE
+        PER_BYTE: tl.constexpr = 8 // BITS
+        FLAGGED_LEVELS: tl.constexpr = QMAX - 3 if QMAX > 3 else 0
         groups = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
-        keep = groups < num_groups
-        mn_b = _bf16_bits_to_fp32(tl.load(minimum_ptr + groups, mask=keep, other=0))
-        raw = tl.load(raw_ptr + groups, mask=keep, other=0.0)
-        g = tl.load(g_ptr)
-        code, s = _step_triton(raw, g, thresholds_ptr, steps_ptr)
-        tl.store(code_ptr + groups, code.to(tl.uint8), mask=keep)
-        s = tl.where(s > 0, s, 1.0)
-
-        byte_in_group = tl.arange(0, BYTES_PER_GROUP)
-        slot = tl.arange(0, PER_BYTE)
-        offsets = (
-            groups[:, None, None] * GROUP + byte_in_group[None, :, None] * PER_BYTE + slot[None, None, :]
-        )
+        offsets = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         in_range = offsets < n
-        x = _load_fp32(x_ptr, offsets, in_range, IN_BF16)
-        valid = in_range & (tl.abs(x) < float("inf"))
-        mn_b3 = mn_b[:, None, None]
-        x = tl.where(valid, x, mn_b3)  # keep NaN/Inf out of the arithmetic
+        if IN_BF16:
+            x = _bf16_bits_to_fp32(tl.load(x_ptr + offsets, mask=in_range, other=0))
+        else:
+            x = tl.load(x_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+        finite = tl.abs(x) < float("inf")  # false for NaN too
+        valid = in_range & finite
+        mn = tl.min(tl.where(valid, x, float("inf")), axis=1)
+        mx = tl.max(tl.where(valid, x, float("-inf")), axis=1)
+        has_finite = mn <= mx
+        mn = tl.where(has_finite, mn, 0.0)
+        mx = tl.where(has_finite, mx, 0.0)
+        flagged = tl.max((in_range & ~finite).to(tl.int32), axis=1)
+        mn_b = _round_down_to_bf16_triton(mn)
+        levels = tl.where(flagged != 0, FLAGGED_LEVELS, QMAX).to(tl.float32)
+        diff = mx - mn_b
+        raw = tl.math.div_rn(diff, tl.maximum(levels, 1.0))
+        step_bits = (raw.to(tl.int32, bitcast=True) + 0xFFFF) & -65536
+        step_bits = tl.maximum(step_bits, 0x00800000)
+        s = step_bits.to(tl.float32, bitcast=True)
+        keep = groups < num_groups
+        tl.store(minimum_ptr + groups, (mn_b.to(tl.int32, bitcast=True) >> 16).to(tl.int16), mask=keep)
+        tl.store(scale_ptr + groups, ((step_bits >> 16) | (flagged << 15)).to(tl.int16), mask=keep)
+
+        mn_b2 = mn_b[:, None]
+        xs = tl.where(finite, x, mn_b2)  # keep NaN/Inf out of the arithmetic
         if STOCHASTIC:
             u = uniform_triton(k1, k2, offsets)
         else:
             u = 0.5
-        y = tl.math.div_rn(x - mn_b3, s[:, None, None] + tl.zeros_like(x)) + u
-        q = tl.minimum(tl.maximum(tl.floor(y), 0.0), QMAX)
-        q = tl.where(valid, q, 0.0).to(tl.int32)
-        packed = tl.sum(q << (slot[None, None, :] * BITS), axis=2)  # disjoint bit fields: sum == or
-        byte_offsets = groups[:, None] * BYTES_PER_GROUP + byte_in_group[None, :]
-        tl.store(payload_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets < num_bytes)
+        y = tl.math.div_rn(xs - mn_b2, s[:, None] + tl.zeros_like(xs)) + u
+        q = tl.minimum(tl.maximum(tl.floor(y), 0.0), levels[:, None])
+        special = tl.where(x != x, QMAX, tl.where(x > 0, QMAX - 1, QMAX - 2))
+        q = tl.where(finite, q.to(tl.int32), special)
+        q = tl.where(in_range, q, 0)
+        if PER_BYTE == 1:
+            tl.store(payload_ptr + offsets, q.to(tl.uint8), mask=in_range)
+        else:
+            BYTES_PER_GROUP: tl.constexpr = GROUP // PER_BYTE
+            q3 = tl.reshape(q, (GROUPS_PER_PROGRAM, BYTES_PER_GROUP, PER_BYTE))
+            slot = tl.arange(0, PER_BYTE)
+            packed = tl.sum(q3 << (slot[None, None, :] * BITS), axis=2)  # disjoint bit fields: sum == or
+            byte_offsets = groups[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
+            num_bytes = (n + PER_BYTE - 1) // PER_BYTE
+            tl.store(payload_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets < num_bytes)
 
     @triton.jit
     def _decode_kernel(
         payload_ptr,
         minimum_ptr,
-        code_ptr,
-        g_ptr,
-        steps_ptr,
+        scale_ptr,
         out_ptr,
         n,
         num_groups,
         BITS: tl.constexpr,
-        PER_BYTE: tl.constexpr,
         GROUP: tl.constexpr,
         GROUPS_PER_PROGRAM: tl.constexpr,
         OUT_BF16: tl.constexpr,
+        OUT_FP16: tl.constexpr,
     ):
         """``x_hat = mn_b + q * s`` (fp32), written in the output dtype with round-to-nearest-even.
 
-        bf16 is handled by hand on the bits (int16 views of ``minimum`` and of a bf16 ``out``): the
-        Triton interpreter truncates fp32 -> bf16 casts and mangles subnormals, while GPUs and torch
-        round to nearest even.
+        bf16 is handled by hand on the bits (int16 views of ``minimum``, ``scale`` and of a bf16
+        ``out``): the Triton interpreter truncates fp32 -> bf16 casts and mangles subnormals, while
+        GPUs and torch round to nearest even.
         """
         QMAX: tl.constexpr = (1 << BITS) - 1
+        PER_BYTE: tl.constexpr = 8 // BITS
+        BYTES_PER_GROUP: tl.constexpr = GROUP // PER_BYTE
         groups = tl.program_id(0).to(tl.int64) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
         keep = groups < num_groups
         mn_b = _bf16_bits_to_fp32(tl.load(minimum_ptr + groups, mask=keep, other=0))
-        code = tl.load(code_ptr + groups, mask=keep, other=0).to(tl.int32)
-        s = tl.load(g_ptr) * tl.load(steps_ptr + code)
+        scale_bits = tl.load(scale_ptr + groups, mask=keep, other=0).to(tl.int32)
+        s = ((scale_bits & 0x7FFF) << 16).to(tl.float32, bitcast=True)
+        flagged = scale_bits < 0
+        num_bytes = (n + PER_BYTE - 1) // PER_BYTE
+        byte_offsets = groups[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
+        byte = tl.load(payload_ptr + byte_offsets, mask=byte_offsets < num_bytes, other=0).to(tl.int32)
+        if PER_BYTE == 1:
+            q = byte
+        else:
+            slot = tl.arange(0, PER_BYTE)
+            q3 = (byte[:, :, None] >> (slot[None, None, :] * BITS)) & QMAX
+            q = tl.reshape(q3, (GROUPS_PER_PROGRAM, GROUP))
         offsets = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         in_range = offsets < n
-        byte = tl.load(payload_ptr + offsets // PER_BYTE, mask=in_range, other=0).to(tl.int32)
-        q = (byte >> ((offsets % PER_BYTE).to(tl.int32) * BITS)) & QMAX
         x_hat = mn_b[:, None] + q.to(tl.float32) * s[:, None]
+        special = tl.where(q == QMAX, float("nan"), tl.where(q == QMAX - 1, float("inf"), float("-inf")))
+        x_hat = tl.where(flagged[:, None] & (q >= QMAX - 2), special, x_hat)
         if OUT_BF16:
             b = x_hat.to(tl.uint32, bitcast=True)
             rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            rounded = tl.where(x_hat != x_hat, 0x7FC0, rounded)  # NaN stays the canonical NaN
             tl.store(out_ptr + offsets, rounded.to(tl.int16), mask=in_range)
+        elif OUT_FP16:
+            nan16 = tl.full(x_hat.shape, 0x7E00, tl.int16).to(tl.float16, bitcast=True)
+            tl.store(out_ptr + offsets, tl.where(x_hat != x_hat, nan16, x_hat.to(tl.float16)), mask=in_range)
         else:
-            tl.store(out_ptr + offsets, x_hat.to(out_ptr.dtype.element_ty), mask=in_range)
+            tl.store(out_ptr + offsets, x_hat, mask=in_range)
 
-    def _launch_shape(num_groups: int, group: int) -> tuple[int, int, tuple[int]]:
-        groups_per_program = max(1, min(triton.next_power_of_2(num_groups), _TILE_ELEMENTS // group))
-        _, num_warps = calculate_settings(groups_per_program * group)
-        return groups_per_program, num_warps, (triton.cdiv(num_groups, groups_per_program),)
+    def _launch_shape(num_groups: int, group: int) -> tuple[int, tuple[int]]:
+        groups_per_program = _TILE_ELEMENTS // group
+        return groups_per_program, (triton.cdiv(num_groups, groups_per_program),)
+
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def AOT_CONFIGS() -> list[dict]:
+    """Every (kernel, constexpr) configuration the launchers below can pick (see benchmarks/kernels.py)."""
+    from .specs import GROUP_SIZE_RANGE, QUANT_BITS, ROUNDINGS
+
+    configs = []
+    group_sizes = [g for g in (32, 64, 128, 256) if GROUP_SIZE_RANGE[0] <= g <= GROUP_SIZE_RANGE[1]]
+    for dtype, tname in _TRITON_DTYPES.items():
+        pointer = "*i16" if dtype == torch.bfloat16 else f"*{tname}"
+        itemsize = dtype.itemsize
+        for bits in QUANT_BITS:
+            for group in group_sizes:
+                gpp = _TILE_ELEMENTS // group
+                minimum = (itemsize + bits / 8 + 4 / group) * 2  # read x, write pack; read pack, write x
+                common = dict(BITS=bits, GROUP=group, GROUPS_PER_PROGRAM=gpp)
+                for rounding in ROUNDINGS:
+                    configs.append(dict(
+                        kernel=_encode_kernel,
+                        name=f"quant_encode[bits={bits},g={group},{tname},{rounding}]",
+                        signature=dict(x_ptr=pointer, payload_ptr="*u8", minimum_ptr="*i16", scale_ptr="*i16",
+                                       n="i32", num_groups="i32", k1="i32", k2="i32", BITS="constexpr",
+                                       GROUP="constexpr", GROUPS_PER_PROGRAM="constexpr", STOCHASTIC="constexpr",
+                                       IN_BF16="constexpr"),
+                        constexprs=dict(common, STOCHASTIC=rounding == "stochastic", IN_BF16=dtype == torch.bfloat16),
+                        num_warps=_NUM_WARPS, options=dict(enable_fp_fusion=False),
+                        elements=_TILE_ELEMENTS, pair=f"quant[bits={bits},g={group},{tname},{rounding}]",
+                        min_bytes_per_element=minimum,
+                    ))  # fmt: skip
+                configs.append(dict(
+                    kernel=_decode_kernel,
+                    name=f"quant_decode[bits={bits},g={group},{tname}]",
+                    signature=dict(payload_ptr="*u8", minimum_ptr="*i16", scale_ptr="*i16", out_ptr=pointer,
+                                   n="i32", num_groups="i32", BITS="constexpr", GROUP="constexpr",
+                                   GROUPS_PER_PROGRAM="constexpr", OUT_BF16="constexpr", OUT_FP16="constexpr"),
+                    constexprs=dict(common, OUT_BF16=dtype == torch.bfloat16, OUT_FP16=dtype == torch.float16),
+                    num_warps=_NUM_WARPS, options=dict(enable_fp_fusion=False),
+                    elements=_TILE_ELEMENTS,
+                    pair=[f"quant[bits={bits},g={group},{tname},{r}]" for r in ROUNDINGS],
+                ))  # fmt: skip
+    return configs
 
 
 @torch.no_grad()
 def encode_triton(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
-    """Quantize ``x`` with the Triton kernels (stats, then quantize + pack); torch reduces ``g``."""
+    """Quantize ``x`` with one Triton kernel launch (one read of ``x``; no host sync)."""
     _check_arguments(x, spec, seed)
     if not triton_available():
         raise RuntimeError(f"{CODEC}.encode_triton needs triton, which is not installed")
@@ -469,52 +450,27 @@ def encode_triton(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
     if n == 0:
         return _empty_packed(x, spec)
     group, bits = spec.group_size, spec.bits
-    qmax = (1 << bits) - 1
-    per_byte = 8 // bits
     num_groups = -(-n // group)
-    num_bytes = -(-n // per_byte)
     dev = x.device
-    groups_per_program, num_warps, grid = _launch_shape(num_groups, group)
-
-    nonfinite_index, nonfinite_value = _nonfinite_side_channel(flat)
+    groups_per_program, grid = _launch_shape(num_groups, group)
+    payload = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device=dev)
     minimum = torch.empty(num_groups, dtype=torch.bfloat16, device=dev)
-    raw = torch.empty(num_groups, dtype=torch.float32, device=dev)
+    scale = torch.empty(num_groups, dtype=torch.bfloat16, device=dev)
     in_bf16 = x.dtype == torch.bfloat16
-    x_arg = flat.view(torch.int16) if in_bf16 else flat
-    _stats_kernel[grid](
-        x_arg, minimum.view(torch.int16), raw, n, num_groups,
-        QMAX=qmax, GROUP=group, GROUPS_PER_PROGRAM=groups_per_program, IN_BF16=in_bf16,
-        num_warps=num_warps, enable_fp_fusion=False,
-    )  # fmt: skip
-    g = raw.amax()
-    g = torch.where(g == 0, 1.0, g).reshape(1)  # stays on the device: no host sync
-
-    thresholds, steps = _tables(dev)
-    payload = torch.empty(num_bytes, dtype=torch.uint8, device=dev)
-    scale_code = torch.empty(num_groups, dtype=torch.uint8, device=dev)
     k1, k2 = seed_keys(seed)
     _encode_kernel[grid](
-        x_arg, minimum.view(torch.int16), raw, g, thresholds, steps, payload, scale_code,
-        n, num_groups, num_bytes, k1, k2,
-        BITS=bits, PER_BYTE=per_byte, GROUP=group, GROUPS_PER_PROGRAM=groups_per_program,
+        flat.view(torch.int16) if in_bf16 else flat, payload, minimum.view(torch.int16), scale.view(torch.int16),
+        n, num_groups, k1, k2,
+        BITS=bits, GROUP=group, GROUPS_PER_PROGRAM=groups_per_program,
         STOCHASTIC=spec.rounding == "stochastic", IN_BF16=in_bf16,
-        num_warps=num_warps, enable_fp_fusion=False,
+        num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
-    return _make_packed(
-        x,
-        spec,
-        payload=payload,
-        minimum=minimum,
-        scale_code=scale_code,
-        reference_scale=g,
-        nonfinite_index=nonfinite_index,
-        nonfinite_value=nonfinite_value,
-    )
+    return _make_packed(x, spec, payload=payload, minimum=minimum, scale=scale)
 
 
 @torch.no_grad()
 def decode_triton(packed: Packed) -> torch.Tensor:
-    """Rebuild the tensor with the Triton decode kernel; NaN/Inf are put back with torch."""
+    """Rebuild the tensor with one Triton kernel launch (one read of the pack)."""
     _check_packed(packed)
     if not triton_available():
         raise RuntimeError(f"{CODEC}.decode_triton needs triton, which is not installed")
@@ -525,19 +481,18 @@ def decode_triton(packed: Packed) -> torch.Tensor:
     t = packed.tensors
     group, bits = packed.params["group_size"], packed.bits
     num_groups = -(-n // group)
-    groups_per_program, num_warps, grid = _launch_shape(num_groups, group)
-    _, steps = _tables(dev)
+    groups_per_program, grid = _launch_shape(num_groups, group)
     out = torch.empty(n, dtype=packed.dtype, device=dev)
     out_bf16 = packed.dtype == torch.bfloat16
     _decode_kernel[grid](
-        t["payload"], t["minimum"].view(torch.int16), t["scale_code"], t["reference_scale"], steps,
+        t["payload"], t["minimum"].view(torch.int16), t["scale"].view(torch.int16),
         out.view(torch.int16) if out_bf16 else out,
         n, num_groups,
-        BITS=bits, PER_BYTE=8 // bits, GROUP=group, GROUPS_PER_PROGRAM=groups_per_program,
-        OUT_BF16=out_bf16,
-        num_warps=num_warps, enable_fp_fusion=False,
+        BITS=bits, GROUP=group, GROUPS_PER_PROGRAM=groups_per_program, OUT_BF16=out_bf16,
+        OUT_FP16=packed.dtype == torch.float16,
+        num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
-    return _restore_nonfinite(out, packed).view(packed.shape)
+    return out.view(packed.shape)
 
 
 @torch.no_grad()
