@@ -90,10 +90,13 @@ def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: in
                  lr: float = 1e-3, dtype: str = "fp32", seed: int = 0, eval_batches: int = 20,
                  model_kwargs: dict | None = None, data: tuple | None = None,
                  progress: Callable[[int, float], None] | None = None,
-                 keep_model: bool = False) -> RunResult:
+                 keep_model: bool = False, optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+                 bf16_weights: bool = False) -> RunResult:
     """Train the tiny LLaMA on stdlib bytes; ``mode=None`` is the uncompressed baseline.
 
-    Same seed => same initial weights and the same batches for every mode.
+    Same seed => same initial weights and the same batches for every mode. ``optimizer`` builds
+    the optimizer from ``model.parameters()`` (default ``torch.optim.AdamW(params, lr=lr)``);
+    ``bf16_weights`` casts the model's parameters to bf16 (no fp32 master weights).
     """
     import ciuic
     from .memory import SavedTensorMeter
@@ -102,8 +105,10 @@ def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: in
         raise ValueError(f"dtype={dtype!r} is not valid; allowed: 'fp32', 'bf16'")
     train, held_out = data if data is not None else byte_splits()
     model = tiny_llama(seed=seed, **(model_kwargs or {}))
+    if bf16_weights:
+        model.to(torch.bfloat16)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = optimizer(model.parameters()) if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed + 1)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
     result = RunResult(mode=mode or "uncompressed", dtype=dtype, steps=steps)
