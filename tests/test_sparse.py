@@ -161,7 +161,7 @@ def test_nonfinite_survive_and_are_not_outliers(backend, dtype):
     assert torch.equal(torch.get_rng_state(), state)
     index = packed.tensors["outlier_index"].long()
     assert bool(torch.isfinite(x.view(-1)[index]).all()) and 3 in index.tolist()
-    assert index.numel() == math.ceil(0.05 * int(torch.isfinite(x).sum()))
+    assert index.numel() == math.ceil(0.05 * x.numel())  # of all elements: no host sync to count
     for test in (torch.isnan, torch.isposinf, torch.isneginf):
         assert torch.equal(test(x_hat), test(x))
     assert x_hat.view(-1)[3].item() == x.view(-1)[3].item()

@@ -273,6 +273,7 @@ if triton_available():
         scale_ptr,
         n,
         num_groups,
+        num_bytes,
         k1,
         k2,
         BITS: tl.constexpr,
@@ -328,12 +329,19 @@ if triton_available():
         if PER_BYTE == 1:
             tl.store(payload_ptr + offsets, q.to(tl.uint8), mask=in_range)
         else:
+            # Neighbouring codes share a byte: split the last axis in pairs (tl.split keeps each
+            # pair in one thread, so the packed bytes stay contiguous per thread: vector stores).
             BYTES_PER_GROUP: tl.constexpr = GROUP // PER_BYTE
-            q3 = tl.reshape(q, (GROUPS_PER_PROGRAM, BYTES_PER_GROUP, PER_BYTE))
-            slot = tl.arange(0, PER_BYTE)
-            packed = tl.sum(q3 << (slot[None, None, :] * BITS), axis=2)  # disjoint bit fields: sum == or
+            if PER_BYTE == 2:
+                lo, hi = tl.split(tl.reshape(q, (GROUPS_PER_PROGRAM, BYTES_PER_GROUP, 2)))
+                packed = lo | (hi << 4)
+            else:
+                pairs = tl.reshape(q, (GROUPS_PER_PROGRAM, BYTES_PER_GROUP, 2, 2))
+                low_pair, high_pair = tl.split(pairs)  # elements 4j + {0, 2} and 4j + {1, 3}
+                e0, e2 = tl.split(low_pair)
+                e1, e3 = tl.split(high_pair)
+                packed = e0 | (e1 << 2) | (e2 << 4) | (e3 << 6)
             byte_offsets = groups[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
-            num_bytes = (n + PER_BYTE - 1) // PER_BYTE
             tl.store(payload_ptr + byte_offsets, packed.to(tl.uint8), mask=byte_offsets < num_bytes)
 
     @triton.jit
@@ -344,6 +352,7 @@ if triton_available():
         out_ptr,
         n,
         num_groups,
+        num_bytes,
         BITS: tl.constexpr,
         GROUP: tl.constexpr,
         GROUPS_PER_PROGRAM: tl.constexpr,
@@ -365,15 +374,15 @@ if triton_available():
         scale_bits = tl.load(scale_ptr + groups, mask=keep, other=0).to(tl.int32)
         s = ((scale_bits & 0x7FFF) << 16).to(tl.float32, bitcast=True)
         flagged = scale_bits < 0
-        num_bytes = (n + PER_BYTE - 1) // PER_BYTE
         byte_offsets = groups[:, None] * BYTES_PER_GROUP + tl.arange(0, BYTES_PER_GROUP)[None, :]
         byte = tl.load(payload_ptr + byte_offsets, mask=byte_offsets < num_bytes, other=0).to(tl.int32)
         if PER_BYTE == 1:
             q = byte
+        elif PER_BYTE == 2:  # tl.join puts the new axis last, in-thread: element 2j, then 2j + 1
+            q = tl.reshape(tl.join(byte & 15, byte >> 4), (GROUPS_PER_PROGRAM, GROUP))
         else:
-            slot = tl.arange(0, PER_BYTE)
-            q3 = (byte[:, :, None] >> (slot[None, None, :] * BITS)) & QMAX
-            q = tl.reshape(q3, (GROUPS_PER_PROGRAM, GROUP))
+            pairs = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
+            q = tl.reshape(pairs, (GROUPS_PER_PROGRAM, GROUP))  # [.., j, a, b] is element 4j + 2a + b
         offsets = groups[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
         in_range = offsets < n
         x_hat = mn_b[:, None] + q.to(tl.float32) * s[:, None]
@@ -417,23 +426,23 @@ def AOT_CONFIGS() -> list[dict]:
                         kernel=_encode_kernel,
                         name=f"quant_encode[bits={bits},g={group},{tname},{rounding}]",
                         signature=dict(x_ptr=pointer, payload_ptr="*u8", minimum_ptr="*i16", scale_ptr="*i16",
-                                       n="i32", num_groups="i32", k1="i32", k2="i32", BITS="constexpr",
+                                       n="i32", num_groups="i32", num_bytes="i32", k1="i32", k2="i32", BITS="constexpr",
                                        GROUP="constexpr", GROUPS_PER_PROGRAM="constexpr", STOCHASTIC="constexpr",
                                        IN_BF16="constexpr"),
                         constexprs=dict(common, STOCHASTIC=rounding == "stochastic", IN_BF16=dtype == torch.bfloat16),
                         num_warps=_NUM_WARPS, options=dict(enable_fp_fusion=False),
-                        elements=_TILE_ELEMENTS, pair=f"quant[bits={bits},g={group},{tname},{rounding}]",
+                        elements=_TILE_ELEMENTS, divisible=("n", "num_groups", "num_bytes"), pair=f"quant[bits={bits},g={group},{tname},{rounding}]",
                         min_bytes_per_element=minimum,
                     ))  # fmt: skip
                 configs.append(dict(
                     kernel=_decode_kernel,
                     name=f"quant_decode[bits={bits},g={group},{tname}]",
                     signature=dict(payload_ptr="*u8", minimum_ptr="*i16", scale_ptr="*i16", out_ptr=pointer,
-                                   n="i32", num_groups="i32", BITS="constexpr", GROUP="constexpr",
+                                   n="i32", num_groups="i32", num_bytes="i32", BITS="constexpr", GROUP="constexpr",
                                    GROUPS_PER_PROGRAM="constexpr", OUT_BF16="constexpr", OUT_FP16="constexpr"),
                     constexprs=dict(common, OUT_BF16=dtype == torch.bfloat16, OUT_FP16=dtype == torch.float16),
                     num_warps=_NUM_WARPS, options=dict(enable_fp_fusion=False),
-                    elements=_TILE_ELEMENTS,
+                    elements=_TILE_ELEMENTS, divisible=("n", "num_groups", "num_bytes"),
                     pair=[f"quant[bits={bits},g={group},{tname},{r}]" for r in ROUNDINGS],
                 ))  # fmt: skip
     return configs
@@ -460,7 +469,7 @@ def encode_triton(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
     k1, k2 = seed_keys(seed)
     _encode_kernel[grid](
         flat.view(torch.int16) if in_bf16 else flat, payload, minimum.view(torch.int16), scale.view(torch.int16),
-        n, num_groups, k1, k2,
+        n, num_groups, payload.numel(), k1, k2,
         BITS=bits, GROUP=group, GROUPS_PER_PROGRAM=groups_per_program,
         STOCHASTIC=spec.rounding == "stochastic", IN_BF16=in_bf16,
         num_warps=_NUM_WARPS, enable_fp_fusion=False,
@@ -487,7 +496,7 @@ def decode_triton(packed: Packed) -> torch.Tensor:
     _decode_kernel[grid](
         t["payload"], t["minimum"].view(torch.int16), t["scale"].view(torch.int16),
         out.view(torch.int16) if out_bf16 else out,
-        n, num_groups,
+        n, num_groups, t["payload"].numel(),
         BITS=bits, GROUP=group, GROUPS_PER_PROGRAM=groups_per_program, OUT_BF16=out_bf16,
         OUT_FP16=packed.dtype == torch.float16,
         num_warps=_NUM_WARPS, enable_fp_fusion=False,

@@ -4,7 +4,8 @@ Activations are heavy-tailed: a few large values stretch every group range they 
 all the other values of that group their precision. Following the dense-and-sparse decomposition of
 SqueezeLLM (Kim et al. 2023) and the outlier split of LLM.int8() (Dettmers et al. 2022):
 
-* ``k = ceil(fraction * n_finite)`` finite elements of largest ``|x|`` are kept exact:
+* ``k = ceil(fraction * n)`` elements of largest ``|x|`` are kept exact (NaN/Inf rank below every
+  finite value, so they are picked only when fewer than ``k`` values are finite; they are exact then too):
   ``outlier_index`` (sorted; int32 when ``n < 2**31``, else int64) and ``outlier_value`` (original
   dtype). The selection is ``torch.topk`` in both backends: it is not a Triton kernel.
 * every other element goes through ``quant`` (``spec.quant``) as a nested ``Packed`` under
@@ -12,8 +13,9 @@ SqueezeLLM (Kim et al. 2023) and the outlier split of LLM.int8() (Dettmers et al
   own group (0 if none), so outliers do not stretch any group's range.
 * decode: ``quant`` decode of the rest, then the exact outliers scattered back.
 
-NaN/Inf are never outliers; ``quant``'s side channel keeps them. The Triton backend runs quant's
-kernels for the rest and the small gather/scatter kernels below for the outliers.
+NaN/Inf are kept by ``quant``'s reserved codes. No host sync: ``k`` depends only on ``n``. The
+Triton backend runs quant's kernels for the rest; the split and the outlier gather/scatter are torch
+ops in both backends (``torch.topk`` is not a Triton kernel).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from ._packed import Packed, check_float_input
 from .specs import SparseSpec
 
 CODEC = "sparse"
-_BLOCK = 1024
 
 
 def _check_arguments(x: torch.Tensor, spec: SparseSpec) -> None:
@@ -44,16 +45,16 @@ def _check_packed(packed: Packed) -> None:
         raise ValueError(f"{CODEC}.decode: expected a Packed with codec='sparse', got {got!r}")
 
 
-def _outlier_count(fraction: float, n_finite: int) -> int:
+def _outlier_count(fraction: float, n: int) -> int:
     # Fraction(str(.)) reads 0.01 as 1/100, so 1% of 300 is 3, not ceil(3.0000000000000004) = 4.
-    return math.ceil(Fraction(str(fraction)) * n_finite)
+    return math.ceil(Fraction(str(fraction)) * n)
 
 
 def _split(flat: torch.Tensor, spec: SparseSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(outlier index int64 sorted, fill value per group fp32) for a flat tensor; torch in both backends."""
     xf = flat.to(torch.float32)
     finite = torch.isfinite(xf)
-    k = _outlier_count(spec.fraction, int(finite.sum()))
+    k = _outlier_count(spec.fraction, flat.numel())  # of all elements: known without a host sync
     if k == 0:
         return torch.empty(0, dtype=torch.int64, device=flat.device), None
     magnitude = xf.abs().masked_fill_(~finite, -1.0)  # non-finite values are never outliers
@@ -108,68 +109,33 @@ def decode_reference(packed: Packed) -> torch.Tensor:
     return out.view(packed.shape)
 
 
-if triton_available():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _encode_kernel(x_ptr, rest_ptr, index_ptr, fill_ptr, value_ptr, k, GROUP: tl.constexpr, BLOCK: tl.constexpr):
-        """value[i] = x[index[i]]; rest[index[i]] = fill[index[i] // GROUP] (rest is a copy of x).
-
-        Every pointer holds x's dtype (16-bit floats as int16 views): the kernel only moves bits.
-        """
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < k
-        index = tl.load(index_ptr + i, mask=mask, other=0)
-        tl.store(value_ptr + i, tl.load(x_ptr + index, mask=mask), mask=mask)
-        tl.store(rest_ptr + index, tl.load(fill_ptr + index // GROUP, mask=mask), mask=mask)
-
-    @triton.jit
-    def _decode_kernel(out_ptr, index_ptr, value_ptr, k, BLOCK: tl.constexpr):
-        """out[index[i]] = value[i]: the exact outliers over the decoded rest."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < k
-        index = tl.load(index_ptr + i, mask=mask, other=0)
-        tl.store(out_ptr + index, tl.load(value_ptr + i, mask=mask), mask=mask)
-
-
-def _as_bits(t: torch.Tensor) -> torch.Tensor:
-    """Integer view for 16-bit floats: moves the bits untouched (the interpreter truncates bf16 casts)."""
-    return t.view(torch.int16) if t.element_size() == 2 else t
-
-
 @torch.no_grad()
 def encode_triton(x: torch.Tensor, spec: SparseSpec, *, seed: int = 0) -> Packed:
-    """Split (torch.topk + a masked per-group min), gather/fill kernel, ``quant.encode_triton`` rest."""
+    """The same split with torch ops (on the GPU already: a gather and a scatter of ``k`` elements
+    need no kernel of their own), then ``quant.encode_triton`` for the rest."""
     _check_arguments(x, spec)
     if not triton_available():
         raise RuntimeError(f"{CODEC}.encode_triton needs triton, which is not installed")
-    flat = x.reshape(-1).contiguous()
+    flat = x.reshape(-1)
     index, fill = _split(flat, spec)
-    k = index.numel()
-    values = torch.empty(k, dtype=x.dtype, device=x.device)
+    values = flat[index]
     rest = flat
-    if k:
+    if index.numel():
         rest = flat.clone()
-        _encode_kernel[(triton.cdiv(k, _BLOCK),)](
-            _as_bits(flat), _as_bits(rest), index, _as_bits(fill.to(x.dtype)), _as_bits(values), k,
-            GROUP=spec.group_size, BLOCK=_BLOCK,
-        )
+        rest[index] = fill[index // spec.group_size].to(x.dtype)
     return _make_packed(x, spec, index, values, quant.encode_triton(rest, spec.quant, seed=seed))
 
 
 @torch.no_grad()
 def decode_triton(packed: Packed) -> torch.Tensor:
+    """``quant.decode_triton`` of the rest, then the exact outliers scattered back (torch)."""
     _check_packed(packed)
     if not triton_available():
         raise RuntimeError(f"{CODEC}.decode_triton needs triton, which is not installed")
-    out = quant.decode_triton(packed.tensors["rest"])
+    out = quant.decode_triton(packed.tensors["rest"]).view(-1)
     index = packed.tensors["outlier_index"]
-    k = index.numel()
-    if k:
-        _decode_kernel[(triton.cdiv(k, _BLOCK),)](
-            _as_bits(out), index, _as_bits(packed.tensors["outlier_value"]), k, BLOCK=_BLOCK
-        )
+    if index.numel():
+        out[index.to(torch.int64)] = packed.tensors["outlier_value"]
     return out.view(packed.shape)
 
 
