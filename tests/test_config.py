@@ -4,6 +4,7 @@ value is rejected with a ValueError that names the bad value and the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -263,3 +264,169 @@ def test_parse_bytes_public():
     with pytest.raises(ValueError) as info:
         ciuic.parse_bytes("lots")
     _assert_names(str(info.value), "'lots'", "GB")
+
+
+# ----------------------------------------------------------------------------------------------
+# Budgets as a fraction of the uncompressed pass
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        pytest.param("25%", 0.25, id="budget=25%"),
+        pytest.param("100%", 1.0, id="budget=100%"),
+        pytest.param(" 12.5 % ", 0.125, id="budget=12.5%"),
+        pytest.param("0.5%", 0.005, id="budget=0.5%"),
+        pytest.param(0.25, 0.25, id="budget=0.25"),
+        pytest.param(1.0, 1.0, id="budget=1.0"),
+    ],
+)
+def test_fractional_budget_parses_to_a_float(budget, expected):
+    config = CompressionConfig(mode="auto", budget=budget)
+    assert isinstance(config.budget, float)
+    assert config.budget == pytest.approx(expected)
+    assert config.budget_fraction == pytest.approx(expected)
+    assert ciuic.compression(mode="auto", budget=budget).config.budget == pytest.approx(expected)
+    assert CompressionConfig.from_value({"mode": "auto", "budget": budget}).budget == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("budget, expected", [
+    pytest.param(12e9, 12 * 10**9, id="budget=12e9"), pytest.param(1, 1, id="budget=int 1"),
+    pytest.param("6GB", 6 * 10**9, id="budget=6GB")])
+def test_byte_budgets_stay_ints(budget, expected):
+    config = CompressionConfig(mode="auto", budget=budget)
+    assert config.budget == expected and isinstance(config.budget, int)
+    assert config.budget_fraction is None
+
+
+@pytest.mark.parametrize("budget", ["0%", "150%", "100.5%", "-5%", "%", "abc%", 0.0, -0.25, float("nan"),
+                                    float("inf"), "25%%"], ids=lambda b: f"budget={b!r}")
+def test_bad_fractional_budget_names_value_and_forms(budget):
+    with pytest.raises(ValueError) as info:
+        CompressionConfig(mode="auto", budget=budget)
+    message = str(info.value)
+    _assert_names(message, repr(budget), "'25%'", "'12GB'")
+
+
+def test_fractional_budget_survives_the_launcher_environment():
+    # what ciuic-accelerate / python -m ciuic report pass to the processes they start
+    from ciuic_integrations._common import resolve_config, setting_for_env
+
+    config = CompressionConfig(mode="auto", budget="25%")
+    assert resolve_config(setting_for_env(config)) == config
+
+
+def test_fraction_budget_only_with_auto():
+    with pytest.raises(ValueError) as info:
+        CompressionConfig(mode="4:1", budget="25%")
+    _assert_names(str(info.value), "'25%'", "auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# allocator=True/False and ciuic.memory.configure_allocator (CUDA faked: the logic runs on CPU)
+# ----------------------------------------------------------------------------------------------
+ALLOC_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA available and not yet initialised; no allocator variables set; warn-once state fresh."""
+    import torch
+
+    from ciuic import memory
+
+    state = {"initialized": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: state["initialized"])
+    for name in ALLOC_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(memory, "_allocator_warned", False)
+    monkeypatch.setattr(memory, "_allocator_state", {"status": "not configured"})
+    return state
+
+
+def test_allocator_option_validated():
+    assert CompressionConfig().allocator is True
+    assert CompressionConfig(allocator=False).allocator is False
+    for value in ("yes", 1, None):
+        with pytest.raises(ValueError) as info:
+            CompressionConfig(allocator=value)
+        _assert_names(str(info.value), f"allocator={value!r}", "True", "False")
+
+
+def test_allocator_set_before_cuda_initialises(fake_cuda):
+    from ciuic.memory import allocator_status, configure_allocator
+
+    assert configure_allocator(CompressionConfig()) == "expandable_segments:True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+    assert allocator_status()["status"] == "set"
+    # idempotent: a second enable changes nothing and keeps the status
+    assert configure_allocator(CompressionConfig()) is None
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert allocator_status()["status"] == "set"
+
+
+@pytest.mark.parametrize("variable", ALLOC_VARS)
+def test_allocator_merges_with_the_users_setting(fake_cuda, monkeypatch, variable):
+    from ciuic.memory import configure_allocator
+
+    user = "max_split_size_mb:128,roundup_power2_divisions:[256:1,512:2,>:4]"
+    monkeypatch.setenv(variable, user)
+    configure_allocator(CompressionConfig())
+    assert os.environ[variable] == user + ",expandable_segments:True"
+    other = [v for v in ALLOC_VARS if v != variable][0]
+    assert other not in os.environ  # the variable the user chose is the one changed
+
+
+@pytest.mark.parametrize("user", ["expandable_segments:False", "garbage_collection_threshold:0.6, expandable_segments:False",
+                                  "backend:cudaMallocAsync"])
+def test_allocator_never_overrides_the_user(fake_cuda, monkeypatch, user):
+    from ciuic.memory import allocator_status, configure_allocator
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", user)
+    assert configure_allocator(CompressionConfig()) is None
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == user
+    assert allocator_status()["status"] == "kept user setting"
+
+
+def test_allocator_warns_once_when_cuda_is_initialised(fake_cuda):
+    import warnings
+
+    from ciuic.memory import allocator_status, configure_allocator
+
+    fake_cuda["initialized"] = True
+    with pytest.warns(UserWarning) as caught:
+        assert configure_allocator(CompressionConfig()) is None
+    message = str(caught[0].message)
+    _assert_names(message, "PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True", "allocator=False")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    assert allocator_status()["status"] == "too late"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        configure_allocator(CompressionConfig())  # once per process
+
+
+def test_allocator_opt_out_and_no_cuda(fake_cuda, monkeypatch):
+    import torch
+
+    from ciuic.memory import allocator_status, configure_allocator
+
+    assert configure_allocator(CompressionConfig(allocator=False)) is None
+    assert allocator_status()["status"] == "disabled"
+    fake_cuda["initialized"] = True
+    assert configure_allocator(CompressionConfig(allocator=False)) is None  # no warning either
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert configure_allocator(CompressionConfig()) is None
+    assert allocator_status()["status"] == "no CUDA"
+    assert not any(name in os.environ for name in ALLOC_VARS)
+
+
+def test_enabling_compression_sets_the_allocator_up(fake_cuda):
+    ciuic.compression("4:1")
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == "expandable_segments:True"
+
+
+def test_enabling_compression_with_allocator_false_leaves_it(fake_cuda):
+    ciuic.enable_compression("4:1", allocator=False)
+    ciuic.disable_compression()
+    assert not any(name in os.environ for name in ALLOC_VARS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -41,15 +42,49 @@ def parse_bytes(value: Any) -> int:
     )
 
 
+_BUDGET_FORMS = ("an int of bytes, a size with a unit such as '12GB' or '512MiB', or a fraction of the "
+                 "uncompressed size: a percentage such as '25%' or a float such as 0.25 (0 < fraction <= 1)")
+
+
+def parse_budget(value: Any) -> int | float:
+    """A ``mode="auto"`` budget -> int bytes, or a float fraction in (0, 1] of the bytes the
+    uncompressed pass keeps for backward.
+
+    ``"12GB"``, ``"512MiB"``, ``123_456_789`` (bytes, as ``parse_bytes``); ``"25%"`` or ``0.25``
+    (a fraction: the engine targets ``fraction x`` the uncompressed pass). A float above 1 counts as
+    bytes (``12e9``). Anything else raises ``ValueError`` naming the value and the allowed forms.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"budget={value!r} is not valid; allowed: {_BUDGET_FORMS}")
+    if isinstance(value, str) and value.strip().endswith("%"):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*%\s*", value)
+        if m and 0 < float(m.group(1)) <= 100:
+            return float(m.group(1)) / 100
+        raise ValueError(f"budget={value!r} is not valid: a percentage must be > 0% and <= 100%; "
+                         f"allowed: {_BUDGET_FORMS}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"budget={value!r} is not valid; it must be a finite number > 0; allowed: {_BUDGET_FORMS}")
+        if value <= 1:
+            return value
+    try:
+        return parse_bytes(value)
+    except ValueError:
+        raise ValueError(f"budget={value!r} is not valid; allowed: {_BUDGET_FORMS} "
+                         f"(units: {', '.join(u.upper() for u in _UNITS if u)}); it must be > 0") from None
+
+
 @dataclass(frozen=True)
 class CompressionConfig:
     """How saved activations are compressed.
 
     mode: ``"lossless"`` (dedupe, parameter casts by reference, 1-bit bool masks — bit-identical
         training), ``"2:1"``, ``"4:1"``, ``"8:1"`` (target ratio of bytes kept for backward vs the
-        uncompressed run at the same dtype), or ``"auto"`` with ``budget`` (bytes or ``"12GB"``:
-        the most precise plan whose saved activations fit the budget).
-    budget: only with ``mode="auto"``.
+        uncompressed run at the same dtype), or ``"auto"`` with ``budget``: the most precise plan
+        whose saved activations fit the budget.
+    budget: only with ``mode="auto"``: bytes per forward pass (an int, or ``"12GB"``, ``"512MiB"``;
+        stored as an int), or a fraction of the bytes the uncompressed pass keeps (``"25%"`` or
+        ``0.25``; stored as a float in (0, 1]). See ``parse_budget``.
     min_numel: tensors with fewer elements are kept as they are (their metadata would cost more).
     group_size: quantization group size (32, 64, 128 or 256); default (None) 64, and 128 for
         ``"8:1"`` (at 2 bits the per-group scale and minimum cost 0.375 bits per element at 64,
@@ -62,10 +97,14 @@ class CompressionConfig:
     lean_lm_head: patch Hugging Face causal LMs passed to ``enable_compression(model=...)`` to use
         the chunked linear + cross-entropy that never materialises the logits.
     seed: base seed for stochastic rounding (never consumes torch's RNG).
+    allocator: on CUDA, set up PyTorch's caching allocator for the many short-lived pack buffers
+        compression makes (``expandable_segments:True`` in ``PYTORCH_CUDA_ALLOC_CONF``, merged with
+        what the user set) when compression is enabled before CUDA is initialised; see
+        ``ciuic.memory.configure_allocator``. ``False`` leaves the allocator alone.
     """
 
     mode: str = "4:1"
-    budget: int | None = None
+    budget: int | float | None = None
     min_numel: int = 4096
     group_size: int | None = None
     rounding: str = "nearest"
@@ -73,14 +112,15 @@ class CompressionConfig:
     keep_modules: tuple = ()
     lean_lm_head: bool = True
     seed: int = 0
+    allocator: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not valid; allowed: {', '.join(map(repr, MODES))}")
         if self.mode == "auto":
             if self.budget is None:
-                raise ValueError("mode='auto' needs budget=..., e.g. budget='12GB' or an int of bytes")
-            object.__setattr__(self, "budget", parse_bytes(self.budget))
+                raise ValueError(f"mode='auto' needs budget=...; allowed: {_BUDGET_FORMS}")
+            object.__setattr__(self, "budget", parse_budget(self.budget))
         elif self.budget is not None:
             raise ValueError(
                 f"budget={self.budget!r} is only valid with mode='auto' (got mode={self.mode!r})"
@@ -100,11 +140,18 @@ class CompressionConfig:
             object.__setattr__(self, "keep_modules", tuple(self.keep_modules))
         if not isinstance(self.lean_lm_head, bool):
             raise ValueError(f"lean_lm_head={self.lean_lm_head!r} is not valid; allowed: True, False")
+        if not isinstance(self.allocator, bool):
+            raise ValueError(f"allocator={self.allocator!r} is not valid; allowed: True, False")
 
     @property
     def target_ratio(self) -> float | None:
         """The ratio the mode aims for (None for ``auto``, whose target is the byte budget)."""
         return MODE_RATIOS.get(self.mode)
+
+    @property
+    def budget_fraction(self) -> float | None:
+        """The budget as a fraction of the uncompressed pass (``budget="25%"`` -> 0.25), else None."""
+        return self.budget if isinstance(self.budget, float) else None
 
     @classmethod
     def options(cls) -> tuple[str, ...]:
