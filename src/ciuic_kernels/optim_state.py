@@ -9,8 +9,8 @@ follow Li et al. 2023, "Memory Efficient Optimizers with 4-bit States", as torch
   ``x_hat = Q[c] * scale``.
 * ``c`` = the nearest map entry to ``y = x / scale`` (IEEE division; ``y = 0`` when ``scale == 0``
   or ``x`` is not finite), ties to the lower code: ``c = #{k : mid[k] < y}`` with
-  ``mid[k] = fl32((Q[k] + Q[k+1]) / 2)``, a branchless binary search in the kernel, ``searchsorted``
-  in the reference.
+  ``mid[k] = fl32((Q[k] + Q[k+1]) / 2)``, a branchless binary search in the kernel, a lookup on
+  the high 16 bits of ``y`` plus one comparison in the reference (``_code_lookup``).
 * Maps: the first moment uses the signed dynamic-tree map (Dettmers 2015, "8-Bit Approximations
   for Parallelism in Deep Learning": a sign, a decimal exponent given by leading zeros, then linear
   fraction bits; 7 exponent values at 8 bits, 3 at 4 bits); the second moment uses the unsigned
@@ -109,6 +109,39 @@ def quantization_map(signed: bool, bits: int, device: torch.device | str = "cpu"
     return values.to(torch.float32).to(device), mids.to(torch.float32).to(device)
 
 
+@functools.lru_cache(maxsize=None)
+def _code_lookup(signed: bool, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Codes of the smallest value of every bf16-truncation bucket, for the reference's fast search.
+
+    All fp32 values sharing their high 16 bits form one bucket; ``lut[b] = #{mid < min(bucket b)}``.
+    The maps' midpoints are at least 1.4% apart (relative), a bucket spans at most 0.8%, so a bucket
+    holds at most one midpoint (checked here) and ``#{mid < y} = lut[b] + (mid[lut[b]] < y)``.
+    """
+    _, mids = quantization_map(signed, bits, "cpu")
+    keys = torch.arange(1 << 16, dtype=torch.int32)
+    high = keys << 16
+    negative = keys >= (1 << 15)
+    smallest = torch.where(negative, high | 0xFFFF, high).view(torch.float32)
+    largest = torch.where(negative, high, high | 0xFFFF).view(torch.float32)
+    finite = torch.isfinite(smallest) & torch.isfinite(largest)
+    smallest = torch.where(finite, smallest, 0.0)
+    largest = torch.where(finite, largest, 0.0)
+    lut = torch.searchsorted(mids, smallest, right=False).clamp_(max=(1 << bits) - 1)
+    inside = torch.searchsorted(mids, largest, right=True) - lut
+    if int(inside.max()) > 1:
+        raise AssertionError(f"a bf16 bucket holds {int(inside.max())} midpoints of the {bits}-bit map")
+    return lut.to(device)
+
+
+def _search_codes(y: torch.Tensor, signed: bool, bits: int) -> torch.Tensor:
+    """``#{k : mid[k] < y}`` for fp32 ``y`` (int64), exactly ``searchsorted(mid, y)``, ~8x faster on CPU."""
+    _, mids = quantization_map(signed, bits, y.device)
+    lut = _code_lookup(signed, bits, y.device)
+    key = (y.view(torch.int32) >> 16) & 0xFFFF
+    code = torch.take(lut, key.to(torch.int64))
+    return code + (torch.take(mids, code) < y)
+
+
 def _fp32(x: float) -> float:
     """``x`` rounded to fp32 (and back to a Python float, exactly)."""
     return float(torch.tensor(float(x), dtype=torch.float32))
@@ -160,7 +193,7 @@ def _dequantize_padded(codes, scale, signed, bits, block_size, numel) -> torch.T
     """(blocks, B) fp32 values; elements past ``numel`` are 0."""
     nb = num_blocks(numel, block_size)
     qmap, _ = quantization_map(signed, bits, codes.device)
-    x = qmap[_unpack(codes, bits, nb * block_size)].view(nb, block_size) * scale.view(nb, 1)
+    x = torch.take(qmap, _unpack(codes, bits, nb * block_size)).view(nb, block_size) * scale.view(nb, 1)
     if nb * block_size > numel:
         x.view(-1)[numel:] = 0.0
     return x
@@ -168,12 +201,11 @@ def _dequantize_padded(codes, scale, signed, bits, block_size, numel) -> torch.T
 
 def _quantize_padded(x: torch.Tensor, signed: bool, bits: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks, B) fp32 -> (uint8 codes of ``numel`` elements, fp32 scale per block). Padding must be 0."""
-    _, mids = quantization_map(signed, bits, x.device)
     finite = torch.isfinite(x)
     scale = torch.where(finite, x.abs(), 0.0).amax(dim=1)
     safe = torch.where(scale > 0, scale, 1.0)
     y = torch.where(finite, x / safe[:, None], 0.0)
-    codes = torch.searchsorted(mids, y.reshape(-1).contiguous(), right=False)
+    codes = _search_codes(y.reshape(-1).contiguous(), signed, bits)
     return _pack(codes, bits, numel), scale
 
 
