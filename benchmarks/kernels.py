@@ -218,6 +218,7 @@ def compile_one(config: dict, arch: int) -> dict:
     for key in _OPTION_KEYS:
         if key in config:
             options[key] = config[key]
+    options.setdefault("enable_fp_fusion", True)  # Triton 3.9's launch-time default, said explicitly
     signature = config["signature"]
     # Launch-time specialisation: Triton marks a pointer argument tt.divisibility=16 when its address
     # is (every torch allocation), and an integer when its value is a multiple of 16. The report

@@ -152,3 +152,23 @@ def test_top_level_dispatch():
     packed = ciuic_kernels.encode(x, BitmaskSpec())
     assert packed.codec == "bitmask"
     assert_equal(ciuic_kernels.decode(packed), x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"], ids=lambda b: f"backend={b}")
+def test_unchecked_spec_trusts_the_caller(backend):
+    # check=False: no validation (no host sync); c is the first nonzero element, found on the device.
+    for kind in ("fp32{0,1/(1-0.1)}", "bf16{0,1/(1-0.1)}", "int64{0,1}", "fp32{0,-inf}", "bool"):
+        x = make_mask((4097,), kind, seed=3)
+        packed = bitmask.encode(x, BitmaskSpec(check=False), backend=backend)
+        assert_equal(packed.tensors["payload"], expected_payload(x))
+        assert_equal(bitmask.decode(packed, backend=backend), x)
+    # A tensor that is not a mask is the caller's responsibility: every nonzero decodes as the first one.
+    x = torch.tensor([0.0, 0.0, 2.0, 3.0, 0.0, -1.0] * 700)
+    out = bitmask.decode(bitmask.encode(x, BitmaskSpec(check=False), backend=backend), backend=backend)
+    assert_equal(out, torch.where(x != 0, torch.tensor(2.0), torch.tensor(0.0)))
+    zeros = torch.zeros(9000, dtype=torch.bfloat16)  # no nonzero element: c = 1, decodes to zeros
+    packed = bitmask.encode(zeros, BitmaskSpec(check=False), backend=backend)
+    assert packed.tensors["value"].item() == 1.0
+    assert_equal(bitmask.decode(packed, backend=backend), zeros)
+    with pytest.raises(ValueError, match=r"check='no' .*True, False"):
+        BitmaskSpec(check="no")

@@ -9,7 +9,12 @@ Accepted inputs (lossless; ``torch.equal`` holds after the round trip):
     for ReLU-style masks, {0, c} for dropout masks saved as ``mask * 1/(1-p)``. The nonzero value
     ``c`` is kept as the 0-d tensor ``value`` in the original dtype (1 when the tensor is all zeros),
     so decode gives ``where(bit, c, 0)`` in that dtype. -0.0 counts as 0 and decodes as +0.0.
-Anything else (a third value, NaN, two nonzero values) raises ValueError naming the value found.
+Anything else (a third value, NaN, two nonzero values) raises ValueError naming the value found,
+when ``spec.check`` (the default; the check costs a host sync). With ``BitmaskSpec(check=False)``
+the caller vouches for the input: no check, no host sync, ``c`` is the first nonzero element
+(found by the encode kernel itself: an atomic min of the first nonzero index per block).
+
+One pass each way: encode reads the input once, decode reads the payload once (plus ``c``).
 
 Bytes kept: ceil(n / 8) + (itemsize of the dtype, for ``value``; 0 for bool): 1/16 of a bf16
 tensor, 1/8 of a bool tensor. Bit-packing as in ActNN (Chen et al., ICML 2021), which stores ReLU
@@ -51,18 +56,18 @@ def _check(x: torch.Tensor, spec: BitmaskSpec) -> None:
         raise ValueError(f"{CODEC}: unsupported dtype {x.dtype}; allowed: {allowed}")
 
 
-def _nonzero_value(flat: torch.Tensor) -> torch.Tensor | None:
-    """The single nonzero value ``c`` of a {0, c} tensor as a 0-d tensor (None for bool).
-
-    Costs two elementwise passes and one host sync (the check); raises ValueError otherwise.
-    """
-    if flat.dtype == torch.bool:
-        return None
-    nonzero = flat != 0
-    if flat.numel() == 0:
+def _value_from_first(flat: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``c`` as a 0-d tensor: ``flat[first]``, or 1 when there is no nonzero element (``first == n``)."""
+    n = flat.numel()
+    if n == 0:
         return torch.ones((), dtype=flat.dtype, device=flat.device)
-    first = flat[nonzero.to(torch.uint8).argmax()]  # first nonzero element (flat[0] if none)
-    value = torch.where(first == 0, torch.ones_like(first), first)
+    value = flat[first.clamp(max=n - 1)]
+    return torch.where(first < n, value, torch.ones_like(value))
+
+
+def _check_two_valued(flat: torch.Tensor, value: torch.Tensor) -> None:
+    """Raise ValueError unless every nonzero element equals ``value`` (one host sync)."""
+    nonzero = flat != 0
     bad = nonzero & (flat != value)
     if bool(bad.any()):
         i = int(bad.to(torch.uint8).argmax())
@@ -72,7 +77,6 @@ def _nonzero_value(flat: torch.Tensor) -> torch.Tensor | None:
             f"{CODEC}: found value {found!r} at flat index {i}{other}; "
             "allowed: {0, 1}, or {0, c}: zero and one other value (e.g. a dropout mask)"
         )
-    return value
 
 
 def _packed(x: torch.Tensor, payload: torch.Tensor, value: torch.Tensor | None) -> Packed:
@@ -89,17 +93,26 @@ def _bit_weights(device) -> torch.Tensor:
     return torch.arange(8, dtype=torch.uint8, device=device)
 
 
+@torch.no_grad()
 def encode_reference(x: torch.Tensor, spec: BitmaskSpec, *, seed: int = 0) -> Packed:
     """Reference packer; ``seed`` is accepted for the common signature (the codec is lossless)."""
     _check(x, spec)
     flat = x.reshape(-1)
-    value = _nonzero_value(flat)
     n = flat.numel()
-    bits = F.pad((flat != 0).to(torch.uint8), (0, -n % 8)).view(-1, 8)
+    is_nonzero = flat != 0
+    nonzero = is_nonzero.to(torch.uint8)
+    value = None
+    if flat.dtype != torch.bool:
+        first = torch.where(is_nonzero.any(), nonzero.argmax(), n) if n else torch.zeros((), dtype=torch.int64)
+        value = _value_from_first(flat, first)
+        if spec.check:
+            _check_two_valued(flat, value)
+    bits = F.pad(nonzero, (0, -n % 8)).view(-1, 8)
     payload = (bits << _bit_weights(x.device)).sum(dim=1, dtype=torch.uint8)  # <= 255: no overflow
     return _packed(x, payload, value)
 
 
+@torch.no_grad()
 def decode_reference(packed: Packed) -> torch.Tensor:
     payload = packed.tensors["payload"]
     bits = ((payload[:, None] >> _bit_weights(payload.device)) & 1).reshape(-1)[: packed.numel]
@@ -119,49 +132,78 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from ._settings import calculate_settings, grid_1d
-
     @triton.jit
-    def _encode_kernel(x_ptr, payload_ptr, n, n_bytes, BLOCK_BYTES: tl.constexpr):
-        """payload[j] = sum_r (x[8j + r] != 0) << r over a [BLOCK_BYTES, 8] tile (bool as uint8)."""
+    def _encode_kernel(x_ptr, payload_ptr, first_ptr, n, n_bytes, BLOCK_BYTES: tl.constexpr, FIND_FIRST: tl.constexpr):
+        """payload[j] = sum_r (x[8j + r] != 0) << r over a [BLOCK_BYTES, 8] tile (bool as uint8);
+        with FIND_FIRST, ``first`` = min over the grid of the first nonzero flat index (atomic)."""
         pid = tl.program_id(0)
         byte = pid.to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-        r = tl.arange(0, 8)
-        offs = byte[:, None] * 8 + r[None, :]
+        offs = byte[:, None] * 8 + tl.arange(0, 8)[None, :]
         x = tl.load(x_ptr + offs, mask=offs < n, other=0)
-        bit = (x != 0).to(tl.uint32) << r[None, :].to(tl.uint32)
-        tl.store(payload_ptr + byte, tl.sum(bit, axis=1).to(tl.uint8), mask=byte < n_bytes)
+        nonzero = x != 0
+        if FIND_FIRST:
+            first = tl.min(tl.min(tl.where(nonzero, offs, n), axis=1), axis=0)
+            tl.atomic_min(first_ptr, first)
+        # Bits of one byte come from 8 neighbours: split the last axis in halves three times
+        # (tl.split keeps each pair in one thread, so the bytes stay contiguous per thread).
+        bit = nonzero.to(tl.int32)
+        a, b = tl.split(tl.reshape(bit, (BLOCK_BYTES, 4, 2)))  # elements 2k, 2k + 1
+        c, d = tl.split(tl.reshape(a | (b << 1), (BLOCK_BYTES, 2, 2)))
+        e, f = tl.split(c | (d << 2))
+        tl.store(payload_ptr + byte, (e | (f << 4)).to(tl.uint8), mask=byte < n_bytes)
 
     @triton.jit
-    def _decode_kernel(payload_ptr, value_ptr, out_ptr, n, IS_BOOL: tl.constexpr, BLOCK: tl.constexpr):
-        """out[i] = bit (i & 7) of payload[i >> 3]; as 0/1 for bool, else where(bit, value, 0)."""
+    def _decode_kernel(payload_ptr, value_ptr, out_ptr, n, n_bytes, IS_BOOL: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+        """out[8j + r] = bit r of payload[j]; as 0/1 for bool, else where(bit, value, 0)."""
         pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        byte_index = pid.to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
+        byte = tl.load(payload_ptr + byte_index, mask=byte_index < n_bytes, other=0).to(tl.int32)
+        # tl.join(x, y) stacks along a new last axis, in-thread: the result [j, a, b, c] holds bit
+        # 4a + 2b + c of byte j, so the row-major flat order is element 8j + r.
+        even = tl.join(tl.join(byte & 1, (byte >> 4) & 1), tl.join((byte >> 2) & 1, (byte >> 6) & 1))
+        odd = tl.join(tl.join((byte >> 1) & 1, (byte >> 5) & 1), tl.join((byte >> 3) & 1, (byte >> 7) & 1))
+        bits = tl.reshape(tl.join(even, odd), (BLOCK_BYTES * 8,))
+        offs = pid.to(tl.int64) * (BLOCK_BYTES * 8) + tl.arange(0, BLOCK_BYTES * 8)
         mask = offs < n
-        byte = tl.load(payload_ptr + (offs >> 3), mask=mask, other=0).to(tl.uint32)
-        bit = (byte >> (offs & 7).to(tl.uint32)) & 1
         if IS_BOOL:
-            tl.store(out_ptr + offs, bit.to(tl.uint8), mask=mask)
+            tl.store(out_ptr + offs, bits.to(tl.uint8), mask=mask)
         else:
-            value = tl.load(value_ptr + offs * 0, mask=mask)  # broadcast; exact in its own dtype
-            tl.store(out_ptr + offs, tl.where(bit != 0, value, tl.zeros_like(value)), mask=mask)
+            value = tl.load(value_ptr)
+            tl.store(out_ptr + offs, tl.where(bits != 0, value, tl.zeros_like(value)), mask=mask)
 
 
+_TILE_BYTES = 1024  # 8192 elements per program, 4 warps: 8 payload bytes per thread (64-bit access)
+_NUM_WARPS = 4
+
+
+def _kernel_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+@torch.no_grad()
 def encode_triton(x: torch.Tensor, spec: BitmaskSpec, *, seed: int = 0) -> Packed:
     """Triton packer (CUDA, or CPU under TRITON_INTERPRET=1); same bytes as encode_reference."""
     _check(x, spec)
     flat = x.reshape(-1).contiguous()
-    value = _nonzero_value(flat)
     n = flat.numel()
     n_bytes = -(-n // 8)
     payload = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
+    is_bool = flat.dtype == torch.bool
+    first = torch.full((1,), n, dtype=torch.int64, device=x.device)
     if n:
-        block, warps = calculate_settings(n_bytes, max_block=1024)  # x 8 elements per program
-        source = flat.view(torch.uint8) if flat.dtype == torch.bool else flat
-        _encode_kernel[grid_1d(n_bytes, block)](source, payload, n, n_bytes, BLOCK_BYTES=block, num_warps=warps)
+        _encode_kernel[(-(-n_bytes // _TILE_BYTES),)](
+            _kernel_view(flat), payload, first, n, n_bytes,
+            BLOCK_BYTES=_TILE_BYTES, FIND_FIRST=not is_bool, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+    value = None
+    if not is_bool:
+        value = _value_from_first(flat, first[0])
+        if spec.check:
+            _check_two_valued(flat, value)
     return _packed(x, payload, value)
 
 
+@torch.no_grad()
 def decode_triton(packed: Packed) -> torch.Tensor:
     payload = packed.tensors["payload"]
     n = packed.numel
@@ -169,17 +211,43 @@ def decode_triton(packed: Packed) -> torch.Tensor:
     if n:
         is_bool = packed.dtype == torch.bool
         value = payload if is_bool else packed.tensors["value"]  # unused pointer when bool
-        block, warps = calculate_settings(n)
-        _decode_kernel[grid_1d(n, block)](
-            payload,
-            value,
-            out.view(torch.uint8) if is_bool else out,
-            n,
-            IS_BOOL=is_bool,
-            BLOCK=block,
-            num_warps=warps,
-        )
+        _decode_kernel[(-(-payload.numel() // _TILE_BYTES),)](
+            payload, value, _kernel_view(out), n, payload.numel(),
+            IS_BOOL=is_bool, BLOCK_BYTES=_TILE_BYTES, num_warps=_NUM_WARPS,
+        )  # fmt: skip
     return out.reshape(packed.shape)
+
+
+_TRITON_TYPES = {
+    torch.bool: "u8", torch.uint8: "u8", torch.int8: "i8", torch.int16: "i16", torch.int32: "i32",
+    torch.int64: "i64", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+}  # fmt: skip
+
+
+def AOT_CONFIGS() -> list[dict]:
+    """Every (kernel, dtype) configuration the launchers above can pick (benchmarks/kernels.py)."""
+    configs = []
+    for dtype in ALLOWED_DTYPES:
+        tname = _TRITON_TYPES[dtype]
+        label = "bool" if dtype == torch.bool else tname
+        is_bool = dtype == torch.bool
+        pair = f"bitmask[{label}]"
+        configs.append(dict(
+            kernel=_encode_kernel, name=f"bitmask_encode[{label}]",
+            signature=dict(x_ptr=f"*{tname}", payload_ptr="*u8", first_ptr="*i64", n="i32", n_bytes="i32",
+                           BLOCK_BYTES="constexpr", FIND_FIRST="constexpr"),
+            constexprs=dict(BLOCK_BYTES=_TILE_BYTES, FIND_FIRST=not is_bool), num_warps=_NUM_WARPS,
+            divisible=("n", "n_bytes"), elements=_TILE_BYTES * 8, pair=pair,
+            min_bytes_per_element=2 * (dtype.itemsize + 1 / 8),
+        ))  # fmt: skip
+        configs.append(dict(
+            kernel=_decode_kernel, name=f"bitmask_decode[{label}]",
+            signature=dict(payload_ptr="*u8", value_ptr=f"*{tname}", out_ptr=f"*{tname}", n="i32", n_bytes="i32",
+                           IS_BOOL="constexpr", BLOCK_BYTES="constexpr"),
+            constexprs=dict(IS_BOOL=is_bool, BLOCK_BYTES=_TILE_BYTES), num_warps=_NUM_WARPS,
+            divisible=("n", "n_bytes"), elements=_TILE_BYTES * 8, pair=pair,
+        ))  # fmt: skip
+    return configs
 
 
 # ----------------------------------------------------------------------------------------------

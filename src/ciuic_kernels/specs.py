@@ -53,7 +53,19 @@ class FP8Spec:
 
 @dataclass(frozen=True)
 class BitmaskSpec:
-    """1 bit per element for bool / {0, 1} tensors (see ``ciuic_kernels.bitmask``)."""
+    """1 bit per element for bool / {0, 1} / {0, c} tensors (see ``ciuic_kernels.bitmask``).
+
+    ``check=True`` verifies that a non-bool input holds zero and at most one other value and raises
+    ValueError naming the first other value; that costs a host sync. ``check=False`` trusts the
+    caller (who knows the tensor is a mask, e.g. the engine after classifying the saved tensor
+    once): no sync, ``c`` is the first nonzero element, and any other nonzero value decodes as ``c``.
+    """
+
+    check: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.check, bool):
+            raise ValueError(f"check={self.check!r} is not valid; allowed: True, False")
 
 
 @dataclass(frozen=True)
