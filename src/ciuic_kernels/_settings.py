@@ -1,21 +1,11 @@
-"""Launch settings shared by every kernel (one helper, as Liger's ``calculate_settings``)."""
+"""Launch settings shared by every codec kernel (one place, as Liger's ``calculate_settings``).
 
-from __future__ import annotations
+Every codec kernel handles a fixed tile of ``TILE_ELEMENTS`` elements with ``NUM_WARPS`` warps,
+whatever the tensor size (the tail tile is masked): 32 elements per thread, so a thread's share of
+a bf16 input is 64 bytes (four 128-bit loads) and of a 2-bit payload 8 bytes (one 64-bit store).
+One tile size per kernel keeps the number of compiled variants small (``benchmarks/kernels.py``
+compiles every one ahead of time); small tensors are launch-bound anyway.
+"""
 
-import triton
-
-
-def calculate_settings(n: int, max_block: int = 4096) -> tuple[int, int]:
-    """Block size (a power of two >= n, capped) and number of warps for a 1-D elementwise kernel."""
-    block = min(max_block, triton.next_power_of_2(max(int(n), 16)))
-    if block >= 4096:
-        warps = 16
-    elif block >= 2048:
-        warps = 8
-    else:
-        warps = 4
-    return block, warps
-
-
-def grid_1d(n: int, block: int) -> tuple[int]:
-    return (max(1, triton.cdiv(int(n), block)),)
+TILE_ELEMENTS = 4096
+NUM_WARPS = 4

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ._backend import pick, triton_available
 from ._packed import Packed
+from ._settings import NUM_WARPS, TILE_ELEMENTS
 from .specs import BitmaskSpec
 
 CODEC = "bitmask"
@@ -61,7 +62,7 @@ def _value_from_first(flat: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     if n == 0:
         return torch.ones((), dtype=flat.dtype, device=flat.device)
-    value = flat[first.clamp(max=n - 1)]
+    value = flat[first.clamp(max=n - 1).reshape(1)].reshape(())  # a 1-element index: no int() of it
     return torch.where(first < n, value, torch.ones_like(value))
 
 
@@ -172,8 +173,9 @@ if triton_available():
             tl.store(out_ptr + offs, tl.where(bits != 0, value, tl.zeros_like(value)), mask=mask)
 
 
-_TILE_BYTES = 1024  # 8192 elements per program, 4 warps: 8 payload bytes per thread (64-bit access)
-_NUM_WARPS = 4
+# Twice the common tile: 8192 elements per program, so a thread stores 8 payload bytes (64 bits).
+_TILE_BYTES = 2 * TILE_ELEMENTS // 8
+_NUM_WARPS = NUM_WARPS
 
 
 def _kernel_view(t: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
+from ._settings import NUM_WARPS, TILE_ELEMENTS
 from .specs import FP8Spec
 
 CODEC = "fp8"
@@ -68,8 +69,8 @@ def _check(x: torch.Tensor, spec: FP8Spec) -> _Format:
 
 
 _FLAGGED_E4M3_MAX = 416.0  # S.1111.101: the largest e4m3 value below the codes kept for +-Inf
-_TILE = 4096  # elements per program of every kernel; 4 warps: 32 per thread (vector accesses)
-_NUM_WARPS = 4
+_TILE = TILE_ELEMENTS  # elements per program of every kernel (see _settings)
+_NUM_WARPS = NUM_WARPS
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
 

@@ -44,13 +44,13 @@ import torch
 from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
 from ._rng import seed_keys, uniform_reference
+from ._settings import NUM_WARPS, TILE_ELEMENTS
 from .specs import QuantSpec
 
 CODEC = "quant"
-# Kernel tiles hold this many elements (GROUPS_PER_PROGRAM x group_size), 4 warps: 32 elements
-# per thread, so the bf16 input moves in 128-bit and the 2-bit payload in 64-bit accesses.
-_TILE_ELEMENTS = 4096
-_NUM_WARPS = 4
+# Kernel tiles hold TILE_ELEMENTS elements (GROUPS_PER_PROGRAM x group_size); see _settings.
+_TILE_ELEMENTS = TILE_ELEMENTS
+_NUM_WARPS = NUM_WARPS
 _RNG_CHUNK = 1 << 16
 # Decoded NaN is always the canonical quiet NaN of the output dtype (as an integer of its width).
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
