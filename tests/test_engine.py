@@ -273,7 +273,8 @@ def test_4to1_gradient_accumulation(order):
     cosine = _cosine(grad_ref, grad)
     assert cosine >= COSINE_MIN, f"accumulated gradient cosine {cosine:.5f}"
     assert _quantized(ciuic.stats()) > 0
-    assert ciuic.stats().passes == 2
+    # a pass is what is saved between two backwards: one per backward
+    assert ciuic.stats().passes == (2 if order == "interleaved" else 1)
 
 
 @pytest.mark.parametrize("reentrant", [False, True], ids=["use_reentrant=False", "use_reentrant=True"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ciuic.lm_head import SUPPORTED_MODEL_TYPES, apply_lean_lm_head, linear_cross_entropy, remove_lean_lm_head
+from ciuic.lm_head import linear_cross_entropy
+from ciuic_integrations.transformers import SUPPORTED_MODEL_TYPES, apply_lean_lm_head, remove_lean_lm_head
 
 # mode -> (parameter dtype, autocast dtype or None, atol relative to the largest |value|, rtol)
 MODES = {

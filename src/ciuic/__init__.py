@@ -11,12 +11,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .config import MODES, CompressionConfig, parse_bytes
 from .engine import CompressionStats, Engine, keep_exact, reset_stats, stats
-from .lm_head import SUPPORTED_MODEL_TYPES, apply_lean_lm_head, linear_cross_entropy, remove_lean_lm_head
+from .engine.tracking import state as _state
+from .lm_head import linear_cross_entropy
 
 __version__ = "0.1.0"
 
@@ -28,9 +30,14 @@ def compression(mode: Any = None, **options: Any) -> Engine:
 
     ``mode`` is a mode string (``"lossless"``, ``"2:1"``, ``"4:1"``, ``"8:1"``, ``"auto"``), a dict
     of options or a ``CompressionConfig``; keyword options are those of ``CompressionConfig``
-    (``config=`` is accepted as an alias of ``mode``). The returned object can also be entered and
-    exited from two callbacks (``__enter__()`` in one, ``__exit__(None, None, None)`` in the other),
-    on the same thread. Unpack still happens in backward, after the block has exited.
+    (``config=`` is accepted as an alias of ``mode``). ``model=`` (optional) is prepared while the
+    block is active (a Hugging Face causal LM gets the memory-lean LM head) and restored on exit.
+    The returned object can also be entered and exited from two callbacks (``__enter__()`` in one,
+    ``__exit__(None, None, None)`` in the other), on the same thread. Unpack still happens in
+    backward, after the block has exited.
+
+    The bit plan belongs to the configuration, not to the block: a block per training step reuses
+    the plan calibrated in the first steps (per thread), as one long block would.
     """
     if "config" in options:
         if mode is not None:
@@ -38,56 +45,41 @@ def compression(mode: Any = None, **options: Any) -> Engine:
         mode = options.pop("config")
     model = options.pop("model", None)
     config = CompressionConfig.from_value("4:1" if mode is None else mode, **options)
-    engine = Engine(config)
-    if model is not None:
-        _prepare_model(model, config)
-    return engine
-
-
-_global: dict = {}
-
-
-def _thread_key() -> int:
-    import threading
-
-    return threading.get_ident()
+    _configure_allocator(config)
+    return Engine(config, model=model, prepare=_prepare_model if model is not None else None)
 
 
 def enable_compression(mode: Any = "4:1", *, model: Any = None, **options: Any) -> CompressionConfig:
     """Turn activation compression on for every following forward pass of the calling thread.
 
     Replaces a previous ``enable_compression`` of this thread. ``model`` (optional): a Hugging Face
-    causal LM gets the memory-lean LM head (``lean_lm_head=True``, the default). Returns the config.
-    A bad mode or option raises ``ValueError`` naming the valid values.
+    causal LM gets the memory-lean LM head (``lean_lm_head=True``, the default) until
+    ``disable_compression()``. Returns the config. A bad mode or option raises ``ValueError``
+    naming the valid values.
     """
-    engine = compression(mode, **options)
+    engine = compression(mode, model=model, **options)
     disable_compression()
-    if model is not None:
-        _prepare_model(model, engine.config)
     engine.__enter__()
-    _global[_thread_key()] = engine
+    _state().global_engine = engine
     return engine.config
 
 
 def disable_compression() -> None:
     """Undo ``enable_compression`` for the calling thread (packs already made still unpack)."""
-    engine = _global.get(_thread_key())
+    st = _state()
+    engine = st.global_engine
     if engine is not None:
         engine.__exit__(None, None, None)  # raises (and changes nothing) inside a compression() block
-        _global.pop(_thread_key(), None)
+        st.global_engine = None
 
 
 def is_enabled() -> bool:
     """True when compression is on in this thread (globally or inside a ``compression`` block)."""
-    from .engine import _state
-
     return bool(_state().engines)
 
 
 def current_config() -> CompressionConfig | None:
     """The config of the innermost active compression of this thread, or None."""
-    from .engine import _state
-
     engines = _state().engines
     return engines[-1].config if engines else None
 
@@ -114,12 +106,56 @@ def enable_from_env() -> CompressionConfig | None:
     return enable_compression(value)
 
 
-def _prepare_model(model: Any, config: CompressionConfig) -> None:
-    if not config.lean_lm_head or config.mode == "lossless":
-        return
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in SUPPORTED_MODEL_TYPES:
-        apply_lean_lm_head(model)
+# ----------------------------------------------------------------------------------------------
+# Model preparation: what compression(model=...) does to a model, and its undo. The framework
+# specific preparers (Hugging Face's lean LM head) register themselves from ciuic_integrations.
+# ----------------------------------------------------------------------------------------------
+_model_preparers: list = []
+
+
+def _register_model_preparer(preparer: Callable[[Any, CompressionConfig], "Callable[[], None] | None"]) -> None:
+    if preparer not in _model_preparers:
+        _model_preparers.append(preparer)
+
+
+def _prepare_model(model: Any, config: CompressionConfig) -> Callable[[], None]:
+    """Run every registered preparer on ``model``; returns one undo for all they changed."""
+    undos = [undo for undo in (p(model, config) for p in list(_model_preparers)) if undo is not None]
+
+    def undo() -> None:
+        for u in reversed(undos):
+            u()
+        undos.clear()
+
+    return undo
+
+
+def _configure_allocator(config: CompressionConfig) -> None:
+    memory = importlib.import_module(".memory", __name__)
+    configure = getattr(memory, "configure_allocator", None)
+    if configure is not None:
+        configure(config)
+
+
+# Lazy attributes: subpackages that import more than the core needs, and names that moved.
+_LAZY = {
+    "optim": (".optim", None),
+    "distributed": (".distributed", None),
+    "memory_report": (".report", "memory_report"),
+    "MemoryReport": (".report", "MemoryReport"),
+    "apply_lean_lm_head": ("ciuic_integrations._hf_lm_head", "apply_lean_lm_head"),
+    "remove_lean_lm_head": ("ciuic_integrations._hf_lm_head", "remove_lean_lm_head"),
+    "SUPPORTED_MODEL_TYPES": ("ciuic_integrations._hf_lm_head", "SUPPORTED_MODEL_TYPES"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    entry = _LAZY.get(name)
+    if entry is None:
+        raise AttributeError(f"module 'ciuic' has no attribute {name!r}")
+    module_name, attribute = entry
+    module = importlib.import_module(module_name, __name__ if module_name.startswith(".") else None)
+    return module if attribute is None else getattr(module, attribute)
 
 
 __all__ = [
@@ -146,6 +182,7 @@ __all__ = [
 def _register_integrations() -> None:
     # Lightning has no plugin discovery: make Trainer(strategy="ciuic") work after `import ciuic`
     # alone, without importing lightning here (registration happens when lightning is imported).
+    # Model preparers (the lean LM head of Hugging Face causal LMs) register the same way.
     try:
         from ciuic_integrations import _register_lazy
     except ImportError:  # a partial install without the integrations package

@@ -111,8 +111,14 @@ _lock = threading.Lock()
 def _register_lazy() -> None:
     """Make ``strategy="ciuic"`` (and the other names) work in Lightning and Fabric without
     importing them: register now in what is already imported, hook the import of the rest.
-    Idempotent; called by ``import ciuic``."""
+    Idempotent; called by ``import ciuic``. Also registers the Hugging Face model preparer (the
+    lean LM head of ``compression(model=...)``), which imports nothing from transformers."""
     global _hook
+    import ciuic
+
+    from ._hf_lm_head import prepare_model
+
+    ciuic._register_model_preparer(prepare_model)
     with _lock:
         for module_name, package in _LIGHTNING_STRATEGY_MODULES.items():
             module = sys.modules.get(module_name)

@@ -112,32 +112,39 @@ def config_from_env() -> Any:
 class CompressionSession:
     """One compression engine kept for a whole run and entered around each training step.
 
-    ciuic's engine calibrates its per-tensor bit plan over the first forward passes and keeps it,
-    so an integration must reuse one engine rather than open a fresh ``ciuic.compression()`` per
-    step. ``step()`` is a no-op when the engine is already active (a nested call, e.g. Fabric's
-    ``autocast()`` inside a forward) or when nothing will be saved for backward.
+    ``step()`` is a no-op when the engine is already active (a nested call, e.g. Fabric's
+    ``autocast()`` inside a forward) or when nothing will be saved for backward. ``prepare()``
+    prepares the model (a Hugging Face causal LM's lean LM head) for the whole run; ``close()``
+    undoes it, and undoes ``compress_forward`` on the modules it wrapped: after ``close()`` the
+    model's forward is the object it was before, and its steps save tensors uncompressed.
     """
 
     def __init__(self, config: Any, model: Any = None) -> None:
         self.config = config
         self._model = model
         self._engine: Any = None
+        self._undo: list[Callable[[], None]] = []
 
     @property
     def engine(self) -> Any:
         if self._engine is None:
             import ciuic
 
-            # model= lets ciuic prepare a Hugging Face causal LM (its memory-lean LM head).
-            if self._model is not None:
-                self._engine = ciuic.compression(self.config, model=self._model)
-            else:
-                self._engine = ciuic.compression(self.config)
+            self._engine = ciuic.compression(self.config)
         return self._engine
 
     def prepare(self) -> None:
-        """Build the engine now (and prepare the model), instead of at the first step."""
+        """Build the engine now and prepare the model, instead of at the first step."""
         self.engine
+        if self._model is not None:
+            import ciuic
+
+            self._undo.append(ciuic._prepare_model(self._model, self.engine.config))
+            self._model = None
+
+    def on_close(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` at ``close()`` (last registered, first run)."""
+        self._undo.append(undo)
 
     @contextlib.contextmanager
     def step(self, training: bool = True) -> Iterator[None]:
@@ -150,22 +157,27 @@ class CompressionSession:
             yield
 
     def close(self) -> None:
-        """Leave the engine if a callback left it entered, and drop it (and its plan)."""
+        """Leave the engine if a callback left it entered, drop it, and undo what was patched."""
         if self._engine is not None and self._engine.active:
             self._engine.__exit__(None, None, None)
         self._engine = None
+        while self._undo:
+            self._undo.pop()()
 
     def __getstate__(self) -> dict:
         # Strategies are pickled by spawn launchers; an engine holds hooks and is rebuilt lazily.
-        return {"config": self.config, "_model": None, "_engine": None}
+        return {"config": self.config, "_model": None, "_engine": None, "_undo": []}
 
 
 def compress_forward(module: Any, session: CompressionSession) -> None:
     """Run ``module``'s forward inside ``session`` when it trains (an instance attribute, as
-    accelerate does for autocast; ``__wrapped__`` lets accelerate's ``unwrap_model`` peel it)."""
+    accelerate does for autocast; ``__wrapped__`` lets accelerate's ``unwrap_model`` peel it).
+    ``session.close()`` puts the forward back."""
     if getattr(module, "_ciuic_session", None) is not None:
         module._ciuic_session = session
         return
+    had_own = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
     forward: Callable = module.forward
 
     @functools.wraps(forward)
@@ -175,6 +187,16 @@ def compress_forward(module: Any, session: CompressionSession) -> None:
 
     module._ciuic_session = session
     module.forward = compressed_forward
+
+    def undo() -> None:
+        if module.__dict__.get("forward") is compressed_forward:
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward
+        module.__dict__.pop("_ciuic_session", None)
+
+    session.on_close(undo)
 
 
 def describe(stats: Any) -> str:

@@ -92,34 +92,23 @@ class CiuicTrainer(Trainer):
         # With model_init, train() builds a new model: only the engine is set up here.
         model = self.model if self.model_init is None else None
         session = CompressionSession(self.ciuic_config, model=model)
-        forward_before = self.model.__dict__.get("forward")
         # Before accelerate prepares the model, so that its autocast wrapper sits outside
-        # ciuic's preparation of the forward.
+        # ciuic's preparation of the forward. close() undoes that preparation, unless accelerate
+        # wrapped the forward on top of it (mixed precision): it then stays, acting only in
+        # training forwards with labels.
         session.prepare()
-        patched_forward = self.model.__dict__.get("forward")
         self._ciuic = session
         try:
             return super().train(*args, **kwargs)
         finally:
             self._ciuic = None
             session.close()
-            if patched_forward is not forward_before and self.model.__dict__.get("forward") is patched_forward:
-                _unprepare_model(self.model)
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:
         stack = super().compute_loss_context_manager()
         if self._ciuic is not None and self.model.training:
             stack.enter_context(self._ciuic.step())
         return stack
-
-
-def _unprepare_model(model: Any) -> None:
-    """Undo what ``ciuic.compression(model=...)`` did to a Hugging Face model (its lean LM head)."""
-    try:
-        from ciuic.lm_head import remove_lean_lm_head
-    except ImportError:
-        return
-    remove_lean_lm_head(model)
 
 
 class CiuicCallback(TrainerCallback):
@@ -155,4 +144,7 @@ class CiuicCallback(TrainerCallback):
             self._session.engine.__exit__(None, None, None)
 
 
-__all__ = ["CiuicCallback", "CiuicTrainer", "CiuicTrainingArguments"]
+from ._hf_lm_head import SUPPORTED_MODEL_TYPES, apply_lean_lm_head, remove_lean_lm_head  # noqa: E402
+
+__all__ = ["CiuicCallback", "CiuicTrainer", "CiuicTrainingArguments", "SUPPORTED_MODEL_TYPES", "apply_lean_lm_head",
+           "remove_lean_lm_head"]

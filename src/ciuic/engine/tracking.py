@@ -1,0 +1,282 @@
+"""What is running when a tensor is saved: the torch function (op), the modules, and whether the
+tensor is a copy of a parameter or buffer. Module hooks only *name* things (and, during
+calibration, watch gradients); passes are delimited by autograd (see ``planner``).
+
+Everything here is invisible to ``torch.compile``: under Dynamo tracing the op tracker and the
+module hooks return at once, so they cause no graph break in the user's model.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_tls = threading.local()
+
+
+def compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def state() -> Any:
+    """This thread's engine state (dies with the thread: nothing it holds outlives it)."""
+    s = _tls
+    if not hasattr(s, "engines"):
+        s.engines = []  # active engines, innermost last
+        s.op = ""  # the outermost torch function running now
+        s.op_args = ()  # and its positional arguments
+        s.op_packs = 0  # tensors that op saved so far
+        s.modules = []  # (name, class name, module) of the running modules, innermost last
+        s.root_names = None
+        s.in_codec = False
+        s.global_engine = None  # what enable_compression() turned on
+        s.planners = {}  # config -> planner (the plan outlives the contexts of one thread)
+        s.param_copies = {}  # id(copy) -> (weak copy, param, version): .to()/.half() of a parameter
+        s.hooks_token = None
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# The op tracker
+# ----------------------------------------------------------------------------------------------
+# Cheap elementwise ops whose output ciuic can rebuild in backward from inputs it already keeps
+# (SwiGLU's silu(gate) and silu(gate) * up, GELU's output that feeds the next linear layer):
+# storing nothing beats storing 2 bits. Never used by "lossless" (a recompute is not bit-exact
+# in every kernel) nor for the sensitive classes (attention, softmax, loss).
+RECOMPUTABLE = frozenset({"silu", "gelu", "relu", "sigmoid", "tanh", "mul", "__mul__", "__rmul__", "multiply"})
+_COPY_OPS = frozenset({"to", "half", "float", "bfloat16", "double", "type", "_to_copy"})
+
+
+class OpTracker(TorchFunctionMode):
+    """Remembers which torch function is running, so pack knows which op saves a tensor; notes
+    how the outputs of cheap elementwise ops were made (see ``RECOMPUTABLE``) and which tensors
+    are dtype copies of parameters or buffers."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if compiling():
+            return func(*args, **kwargs)
+        st = state()
+        if st.in_codec or st.op:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        st.op = name
+        st.op_args = args
+        st.op_packs = 0
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            st.op = ""
+            st.op_args = ()
+        if type(result) is torch.Tensor and st.engines:
+            if name in RECOMPUTABLE and result.requires_grad:
+                st.engines[-1]._note_recipe(func, args, kwargs, result)
+            elif name in _COPY_OPS and args and isinstance(args[0], torch.Tensor):
+                _note_copy(st, args[0], result)
+        return result
+
+
+def _note_copy(st: Any, a: torch.Tensor, result: torch.Tensor) -> None:
+    if result is a or result.dtype == a.dtype or not result.is_floating_point() or result.grad_fn is not None:
+        return  # trainable parameters' copies are found from their grad_fn
+    if not (isinstance(a, torch.nn.Parameter) or _is_buffer(st, a)):
+        return
+    if len(st.param_copies) > 1024:
+        st.param_copies = {k: v for k, v in st.param_copies.items() if v[0]() is not None}
+    st.param_copies[id(result)] = (weakref.ref(result), a, result._version)
+
+
+def _is_buffer(st: Any, a: torch.Tensor) -> bool:
+    for _, _, module in reversed(st.modules[-2:]):
+        if any(b is a for b in module._buffers.values()):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Copies of parameters and buffers
+# ----------------------------------------------------------------------------------------------
+def _grad_fn_source(base: torch.Tensor) -> torch.Tensor | None:
+    """The trainable parameter ``base`` is a plain dtype copy of (``ToCopyBackward0`` straight
+    into an ``AccumulateGrad``), else None."""
+    fn = base.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0" or len(fn.next_functions) != 1:
+        return None
+    nxt = fn.next_functions[0][0]
+    if nxt is None or type(nxt).__name__ != "AccumulateGrad":
+        return None
+    return nxt.variable
+
+
+_verified: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+
+
+def param_source(t: torch.Tensor, st: Any) -> torch.Tensor | None:
+    """The parameter or buffer that ``t`` (or the tensor ``t`` is a view of) is a dtype copy of,
+    however it was made, else None:
+
+    * a trainable parameter's copy has a ``ToCopyBackward0`` grad_fn (autocast's cast cache);
+    * ``.to()``/``.half()``/... of a frozen parameter or a buffer was seen by the op tracker;
+    * autocast's cast of a frozen parameter or buffer happens inside the op that saves it (no
+      grad_fn, not one of the op's own arguments, the shape of a parameter/buffer argument and
+      another dtype). The first time such a candidate is seen at a place in the model it is
+      compared with the parameter bit for bit; the verdict is remembered for that place.
+    """
+    base = t._base if t._base is not None else t
+    if not base.is_contiguous():
+        return None
+    param = _grad_fn_source(base)
+    if param is None and base.grad_fn is None:
+        entry = st.param_copies.get(id(base))
+        if entry is not None and entry[0]() is base and entry[2] == base._version:
+            param = entry[1]
+        elif st.op_args:
+            param = _cast_inside_op(base, st)
+    if param is None or param.shape != base.shape or param.is_complex():
+        return None
+    return param
+
+
+def _cast_inside_op(base: torch.Tensor, st: Any) -> torch.Tensor | None:
+    storage = base.untyped_storage().data_ptr()
+    candidates = []
+    for a in st.op_args:
+        if not isinstance(a, torch.Tensor):
+            continue
+        if a.untyped_storage().data_ptr() == storage:
+            return None  # one of the op's own inputs, not something the op made
+        if a.shape == base.shape and a.dtype != base.dtype and (
+                isinstance(a, torch.nn.Parameter) or _is_buffer(st, a)):
+            candidates.append(a)
+    if len(candidates) != 1:
+        return None
+    param = candidates[0]
+    where = (st.modules[-1][0] if st.modules else "", st.op, st.op_packs, base.dtype)
+    verdicts = _verified.setdefault(param, {})
+    verdict = verdicts.get(where)
+    if verdict is None:
+        with torch.no_grad():
+            verdict = bool(torch.equal(param.to(base.dtype), base))
+        verdicts[where] = verdict
+    return param if verdict else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Module hooks: names (and gradient watches while calibrating)
+# ----------------------------------------------------------------------------------------------
+_module_names: "weakref.WeakKeyDictionary[torch.nn.Module, weakref.WeakKeyDictionary]" = weakref.WeakKeyDictionary()
+
+
+def _names_under(root: torch.nn.Module) -> "weakref.WeakKeyDictionary":
+    names = weakref.WeakKeyDictionary()
+    for name, module in root.named_modules(remove_duplicate=False):
+        names.setdefault(module, name)
+    _module_names[root] = names
+    return names
+
+
+def _name_of(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    names = _module_names.get(root)
+    name = names.get(module) if names is not None else None
+    if name is None:
+        # Not seen under this root yet: submodules replaced after the first forward (PEFT injects
+        # adapters that way) are found by walking the root again.
+        names = _names_under(root)
+        name = names.get(module)
+        if name is None:
+            name = type(module).__name__
+            names[module] = name
+    return name
+
+
+def _pre_forward(module: torch.nn.Module, args: Any) -> None:
+    if compiling():
+        return
+    st = state()
+    if not st.engines:
+        return
+    if not st.modules:
+        st.root = weakref.ref(module)
+    root = st.root()
+    name = _name_of(root, module) if root is not None else type(module).__name__
+    st.modules.append((name, type(module).__name__, module))
+
+
+def _post_forward(module: torch.nn.Module, args: Any, output: Any) -> None:
+    if compiling():
+        return
+    st = state()
+    if not st.modules:
+        return
+    name = st.modules.pop()[0]
+    if not st.engines:
+        return
+    planner = st.engines[-1].planner
+    if planner.calibrating:
+        if isinstance(output, (tuple, list)) and output:
+            output = output[0]  # (attention output, weights), (hidden, cache), ...
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            planner.watch_gradient(name, output)
+
+
+_module_hooks: list = []
+_module_hooks_users = 0
+_module_hooks_lock = threading.Lock()
+
+
+class _HooksToken:
+    """This thread's claim on the global module hooks. Kept in thread-local state: when the
+    thread ends with compression on, the token dies with it and the claim is released."""
+
+    __slots__ = ("_finalizer", "__weakref__")
+
+    def __init__(self) -> None:
+        _acquire_module_hooks()
+        self._finalizer = weakref.finalize(self, _release_module_hooks)
+
+    def release(self) -> None:
+        self._finalizer()
+
+
+def claim_module_hooks() -> None:
+    st = state()
+    if st.hooks_token is None:
+        st.hooks_token = _HooksToken()
+
+
+def unclaim_module_hooks() -> None:
+    st = state()
+    if st.hooks_token is not None and not st.engines:
+        st.hooks_token.release()
+        st.hooks_token = None
+        st.modules.clear()
+
+
+def _acquire_module_hooks() -> None:
+    global _module_hooks_users
+    with _module_hooks_lock:
+        if _module_hooks_users == 0:
+            from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+            _module_hooks.append(register_module_forward_pre_hook(_pre_forward))
+            _module_hooks.append(register_module_forward_hook(_post_forward, always_call=True))
+        _module_hooks_users += 1
+
+
+def _release_module_hooks() -> None:
+    global _module_hooks_users
+    with _module_hooks_lock:
+        _module_hooks_users -= 1
+        if _module_hooks_users == 0:
+            while _module_hooks:
+                _module_hooks.pop().remove()
+
+
+def module_hooks_installed() -> int:
+    """How many global module hooks ciuic has installed now (0 when no thread compresses)."""
+    with _module_hooks_lock:
+        return len(_module_hooks)
