@@ -32,7 +32,7 @@ re-quantized after (the parameter update uses the unquantized new moments). The 
 back in the parameter's dtype: round to nearest even, or for bf16 with ``stochastic_round`` the
 fp32 bits plus a 16-bit uniform integer from the counter-based RNG (``_rng.py``, seed and element
 index), truncated: unbiased, ``E[bf16(p)] = p`` (Gupta et al. 2015, "Deep Learning with Limited
-Numerical Precision"). NaN stays NaN (0x7FC0 as torch writes it).
+Numerical Precision"). A NaN is written as the bf16 NaN 0x7FC0 in both roundings.
 
 Non-finite values: a NaN/Inf gradient makes the parameter NaN exactly where torch's AdamW does (the
 update uses the unquantized moments); the quantized state keeps the block's finite values and
@@ -232,7 +232,8 @@ def dequantize_state(codes: torch.Tensor, scale: torch.Tensor, *, signed: bool, 
 
 
 def _bf16_bits_rne(p: torch.Tensor) -> torch.Tensor:
-    return p.to(torch.bfloat16).view(torch.int16)
+    bits = p.to(torch.bfloat16).view(torch.int16)
+    return torch.where(torch.isnan(p), torch.tensor(0x7FC0, dtype=torch.int16, device=p.device), bits)
 
 
 def _bf16_bits_stochastic(p: torch.Tensor, seed: int) -> torch.Tensor:
