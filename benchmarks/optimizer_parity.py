@@ -17,6 +17,7 @@ Runs (``--runs``, comma-separated):
 
     python benchmarks/optimizer_parity.py                              # all runs, 300 steps
     python benchmarks/optimizer_parity.py --runs torch,ciuic8 --steps 50
+    python benchmarks/optimizer_parity.py --threads 1 --runs torch_bf16,ciuic8_sr --out benchmarks/results/optimizer_parity_bf16
 
 Results are merged into ``benchmarks/results/optimizer_parity.json`` (keyed by device and
 versions; runs from several invocations at the same key are kept together), with a PNG.
@@ -84,8 +85,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 is much faster than 2 on a loaded 2-core machine)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "optimizer_parity"))
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     for name in names:
         if name not in RUNS:
@@ -139,19 +144,24 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(f"{name}: eval loss {result.eval_loss:.4f}, state {runs[name]['state_bytes'] / 2**20:.2f} MiB, "
               f"{result.seconds:.0f}s", flush=True)
+        report = _write(path, key, runs, args, argv)  # after every run: a long job keeps what it finished
+    report = _write(path, key, runs, args, argv)
+    print(markdown_table(report))
+    print(f"wrote {path}")
+    return report
 
+
+def _write(path: str, key: str, runs: dict, args: argparse.Namespace, argv) -> dict:
     summary = _summary(runs)
     report = {
         "benchmark": "optimizer_parity", "device": device_name(), "torch": torch.__version__,
         "ciuic": ciuic.__version__, "git": git_revision(), "python": sys.version.split()[0],
         "steps": args.steps, "seed": args.seed, "lr": args.lr, "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/optimizer_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "libraries": _versions(), "summary": summary, "runs": runs,
+        "threads": torch.get_num_threads(), "libraries": _versions(), "summary": summary, "runs": runs,
     }
     write_json(path, key, report)
-    print(markdown_table(report))
     _plot(runs, args.out + ".png", args)
-    print(f"wrote {path}")
     return report
 
 
@@ -182,7 +192,7 @@ def _summary(runs: dict) -> list[dict]:
         if base is not None and "eval_loss" in base:
             row["relative"] = run["eval_loss"] / base["eval_loss"] - 1
             row["within_bound"] = None if bound is None else row["relative"] <= bound
-        fp32_state = runs.get("torch", {}).get("state_bytes")
+        fp32_state = (runs.get("torch") or runs.get("torch_bf16") or {}).get("state_bytes")
         if fp32_state:
             row["state_ratio"] = run["state_bytes"] / fp32_state
         rows.append(row)
