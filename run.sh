@@ -36,5 +36,7 @@ case "$command" in
   demo) exec python -m ciuic.demo "$@" ;;
   # two workers (the machines here have 2 cores); files that share a fixture stay on one worker
   test) exec python -m pytest -q -n "${CIUIC_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
-  *) echo "usage: bash run.sh demo [--steps N --modes 4:1,8:1 --dtype fp32|bf16] | bash run.sh test [pytest args]" >&2; exit 2 ;;
+  # every GPU number we owe, in one run (< 20 min on one H100/H200; needs a CUDA torch: CIUIC_TORCH=keep)
+  gpu) python benchmarks/kernels.py || echo "[run.sh] the kernel report found problems (above)"; exec python benchmarks/gpu_suite.py "$@" ;;
+  *) echo "usage: bash run.sh demo [--steps N --modes 4:1,8:1 --dtype fp32|bf16] | bash run.sh test [pytest args] | bash run.sh gpu [--dry-run]" >&2; exit 2 ;;
 esac

@@ -100,8 +100,11 @@ def _callees(jit_fn):
     return found
 
 
-def discover(quick: bool = False):
-    """(configs, defined, uncovered): every AOT config, every jit function, those no config reaches."""
+def discover(quick: bool | str = False):
+    """(configs, defined, uncovered): every AOT config, every jit function, those no config reaches.
+
+    ``quick``: False = every configuration; True = a covering subset (``_quick_subset``);
+    ``"kernels"`` = one configuration per kernel."""
     from triton.runtime.jit import JITFunction
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -130,9 +133,21 @@ def discover(quick: bool = False):
         reached.add(id(fn))
         stack.extend(_callees(fn))
     uncovered = sorted(name for name, fn in defined.items() if id(fn) not in reached)
-    if quick:
+    if quick == "kernels":
+        configs = _one_per_kernel(configs)
+    elif quick:
         configs = _quick_subset(configs)
     return configs, defined, uncovered
+
+
+def _one_per_kernel(configs):
+    """The first configuration of every kernel (a second target's smoke check in CI)."""
+    seen, chosen = set(), []
+    for c in configs:
+        if id(c["kernel"]) not in seen:
+            seen.add(id(c["kernel"]))
+            chosen.append(c)
+    return chosen
 
 
 def _quick_subset(configs):
