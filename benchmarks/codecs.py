@@ -13,6 +13,7 @@ the file are kept) and ``codecs.png``.
     python benchmarks/codecs.py --quick        # 256k elements, a few reps (CI)
     python benchmarks/codecs.py                # 4M elements on CPU, 64M on a GPU
     python benchmarks/codecs.py --codecs int4,fp8-e4m3-group --numel 1000000
+    python benchmarks/codecs.py --overhead     # per-tensor µs on a 256-element tensor -> codec_overhead.json
 """
 
 from __future__ import annotations
@@ -154,9 +155,45 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def overhead(names: list[str], device: str, backend: str, numel: int, reps: int) -> list[dict]:
+    """Per-tensor cost (µs) of encode and decode of a tiny tensor, where the math is negligible:
+    the Python and dispatch overhead a saved tensor pays. Median of ``reps`` calls (perf_counter,
+    no synchronization on CUDA: that is the host time of the launch, what a GPU step can hide)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(numel, generator=gen).to(torch.bfloat16).to(device)
+    mask = (x > 0).to(torch.bfloat16)
+    rows = []
+
+    def median_us(fn):
+        for _ in range(20):
+            fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    target = torch.empty_like(x)
+    copy_us = median_us(lambda: target.copy_(x))
+    for name in names:
+        spec = CODECS[name]
+        src = mask if isinstance(spec, BitmaskSpec) else x
+        if isinstance(spec, BitmaskSpec):
+            spec = BitmaskSpec(check=False)  # the engine's sync-free use
+        packed = ciuic_kernels.encode(src, spec, backend=backend)
+        rows.append({"codec": name, "numel": numel, "backend": backend, "copy_us": copy_us,
+                     "encode_us": median_us(lambda: ciuic_kernels.encode(src, spec, backend=backend)),
+                     "decode_us": median_us(lambda: ciuic_kernels.decode(packed, backend=backend))})
+        print(f"  {name:<17} encode {rows[-1]['encode_us']:8.1f} µs  decode {rows[-1]['decode_us']:8.1f} µs", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="256k elements and few repetitions (CI)")
+    parser.add_argument("--overhead", action="store_true",
+                        help="per-tensor µs of encode/decode on a tiny tensor (--numel, default 256) instead of GB/s")
     parser.add_argument("--codecs", default=",".join(CODECS), help=f"comma-separated subset of {','.join(CODECS)}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--backend", default=None, choices=("torch", "triton"),
@@ -171,6 +208,19 @@ def main(argv: list[str] | None = None) -> dict:
     if bad or not names:
         raise SystemExit(f"--codecs {args.codecs!r} is not valid; allowed: a comma-separated subset of {', '.join(CODECS)}")
     cuda = args.device == "cuda"
+    if args.overhead:
+        backend = select_backend(torch.device(args.device), args.backend)
+        numel, reps = args.numel or 256, args.reps or 500
+        print(f"{device_name(args.device)}, backend {backend}: per-tensor cost, {numel} bf16 elements, median of {reps}")
+        rows = overhead(names, args.device, backend, numel, reps)
+        key = f"{device_name(args.device)} | torch {torch.__version__} | ciuic {_CIUIC_VERSION} | {backend}"
+        report = {"benchmark": "codec_overhead", "device": device_name(args.device), "backend": backend,
+                  "torch": torch.__version__, "git": git_revision(), "threads": torch.get_num_threads(),
+                  "date": time.strftime("%Y-%m-%d"), "numel": numel, "reps": reps, "results": rows,
+                  "load_average_1min": os.getloadavg()[0], "cpu_count": os.cpu_count(),
+                  "command": "python benchmarks/codecs.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+        write_json(os.path.join(os.path.dirname(args.out), "codec_overhead.json"), key, report)
+        return report
     numel = args.numel or (2**18 if args.quick else (2**26 if cuda else 2**22))
     reps = args.reps or (3 if args.quick else (100 if cuda else 15))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else (25 if cuda else 3))

@@ -6,7 +6,8 @@
 Sections, in this order (a time budget, --budget-minutes, skips what is left and says so):
 
 1. codecs: GB/s of encode and of decode (input bytes / time) of every codec at several sizes,
-   against ``copy_`` of the same bytes (``triton.testing.do_bench`` on CUDA; the Triton kernels).
+   against ``copy_`` of the same bytes (``triton.testing.do_bench`` on CUDA; the Triton kernels),
+   and the host µs per encode/decode of a tiny tensor (the per-saved-tensor launch cost).
 2. step: LLaMA-style models (transformers ``LlamaConfig``, random weights, bf16 weights, AdamW)
    at hidden 1024 / 2048 / 4096: median step time (forward, backward, optimizer) and peak memory
    (``torch.cuda.max_memory_allocated``) for: uncompressed, full activation checkpointing,
@@ -126,6 +127,30 @@ class Suite:
                     "copy_GBps": src.nbytes / copy_s / 1e9, "rel_rmse": err.item(),
                 })  # fmt: skip
             progress.update(1)
+        return rows
+
+    def overhead(self) -> list[dict]:
+        """Host µs per encode/decode of a 256-element tensor (no synchronization: the launch cost a
+        saved tensor adds to the CPU side of a step)."""
+        x = torch.randn(256, device=self.device).to(torch.bfloat16)
+        rows = []
+        for name, spec in CODECS.items():
+            src = (x > 0).to(torch.bfloat16) if isinstance(spec, BitmaskSpec) else x
+            packed = ciuic_kernels.encode(src, spec, backend=self.backend)
+            row = {"codec": name, "numel": 256}
+            for what, fn in (("encode_us", lambda: ciuic_kernels.encode(src, spec, backend=self.backend)),
+                             ("decode_us", lambda: ciuic_kernels.decode(packed, backend=self.backend))):
+                for _ in range(10):
+                    fn()
+                self.sync()
+                times = []
+                for _ in range(self.args.reps * 10):
+                    t = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t)
+                row[what] = statistics.median(times) * 1e6
+                self.sync()
+            rows.append(row)
         return rows
 
     # ------------------------------------------------------------------------------------- training
@@ -396,6 +421,7 @@ def main(argv=None) -> dict:
     with tqdm(total=total, desc="gpu suite", file=sys.stderr, mininterval=1.0) as progress:
         if "codecs" in sections:
             report["codecs"] = suite.codecs(sizes, progress)
+            report["codec_overhead"] = suite.overhead()
         if "step" in sections:
             report["step"] = suite.steps(models, progress)
         if "loss" in sections:

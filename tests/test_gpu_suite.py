@@ -31,6 +31,8 @@ def test_dry_run_covers_every_section_and_variant(report):
     for r in report["codecs"]:
         assert r["encode_GBps"] > 0 and r["decode_GBps"] > 0 and r["copy_GBps"] > 0, r
         assert r["packed_bytes"] < r["input_bytes"] and math.isfinite(r["rel_rmse"])
+    assert {r["codec"] for r in report["codec_overhead"]} == set(gpu_suite.CODECS)
+    assert all(r["encode_us"] > 0 and r["decode_us"] > 0 for r in report["codec_overhead"])
     steps = report["step"]
     assert [r["variant"] for r in steps] == list(gpu_suite.VARIANTS)
     for r in steps:
