@@ -414,3 +414,115 @@ def test_cli_help_and_no_command():
     assert result.returncode == 0 and "--steps" in result.stdout and "--budget" in result.stdout
     result = _run_cli([], ROOT)
     assert result.returncode == 2 and "report" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# The integrations' report options write the same report
+# ------------------------------------------------------------------------------------------------
+def _byte_batches(count: int, batch: int = 4, seq: int = 32) -> list:
+    data = torch.tensor(list(open(os.__file__, "rb").read()[: count * batch * seq]), dtype=torch.long)
+    return list(data.view(count, batch, seq))
+
+
+def _assert_report_of_the_run(directory, modules: tuple[str, ...]) -> MemoryReport:
+    report = MemoryReport.from_json(os.path.join(directory, "ciuic_report.json"))
+    st = ciuic.stats()
+    assert (report.bytes_before, report.bytes_after, report.passes) == (st.bytes_before, st.bytes_after, st.passes)
+    assert report.passes >= 2 and report.ratio > 2.0
+    names = {r.module for r in report.rows}
+    for module in modules:
+        assert any(name.startswith(module) for name in names), (module, names)
+    assert os.path.getsize(os.path.join(directory, "ciuic_report.png")) > 10_000
+    return report
+
+
+def test_lightning_strategy_report_dir(tmp_path):
+    L = pytest.importorskip("lightning")
+    from ciuic_integrations.lightning import CiuicStrategy
+
+    class Lit(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = torch.nn.Embedding(VOCAB, 64)
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, VOCAB))
+
+        def forward(self, tokens):
+            return self.mlp(self.embed(tokens))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    strategy = CiuicStrategy(report_dir=str(tmp_path / "report"))
+    assert strategy.ciuic_report_dir == str(tmp_path / "report")
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    ciuic.reset_stats()
+    trainer.fit(Lit(), torch.utils.data.DataLoader(_byte_batches(3), batch_size=None))
+    report = _assert_report_of_the_run(tmp_path / "report", ("mlp",))
+    assert report.passes == 3
+
+
+def test_hf_trainer_ciuic_report_flag(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from ciuic_integrations.transformers import CiuicCallback, CiuicTrainer, CiuicTrainingArguments
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.rows = [row for b in _byte_batches(2) for row in b]
+
+        def __len__(self) -> int:
+            return len(self.rows)
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+    def model() -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64))
+
+    common = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--report_to",
+              "none", "--use_cpu", "--dataloader_num_workers", "0", "--logging_steps", "1"]
+    out = tmp_path / "report"
+    (args,) = HfArgumentParser(CiuicTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path / "run"), "--ciuic", "4:1", "--ciuic_report", str(out), *common])
+    assert args.ciuic_report == str(out)
+    ciuic.reset_stats()
+    CiuicTrainer(model=model(), args=args, train_dataset=Data()).train()
+    _assert_report_of_the_run(out, ("model.layers.0.self_attn", "model.layers.0.mlp"))
+    # the callback on a stock Trainer, with its own folder
+    out = tmp_path / "callback"
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path / "run2"), *common])
+    ciuic.reset_stats()
+    Trainer(model=model(), args=args, train_dataset=Data(),
+            callbacks=[CiuicCallback("4:1", report_dir=str(out))]).train()
+    _assert_report_of_the_run(out, ("model.layers.1.self_attn",))
+
+
+def test_accelerate_launch_ciuic_stats_writes_the_report(tmp_path):
+    pytest.importorskip("accelerate")
+    launcher = os.path.join(os.path.dirname(sys.executable), "ciuic-accelerate")
+    command = [launcher] if os.path.exists(launcher) else [sys.executable, "-m", "ciuic_integrations.accelerate"]
+    out = tmp_path / "stats"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("CIUIC_MODE", None)
+    result = subprocess.run(
+        [*command, "launch", "--ciuic", "4:1", "--ciuic_stats", str(out), "--cpu", "--num_processes", "1",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         os.path.join(ROOT, "examples", "train_accelerate.py"), "--steps", "3", "--seq-len", "64", "--batch-size", "4"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = MemoryReport.from_json(str(out / "ciuic_report.json"))
+    with open(out / "ciuic_stats_rank0.json") as f:
+        stats = json.load(f)["stats"]
+    assert (report.bytes_before, report.bytes_after, report.passes) == (
+        stats["bytes_before"], stats["bytes_after"], stats["passes"])
+    assert report.passes == 3 and any(r.module.startswith("blocks.layers.0") for r in report.rows)
+    assert (out / "ciuic_report.png").stat().st_size > 10_000

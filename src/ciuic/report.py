@@ -358,6 +358,48 @@ def memory_report(*, timeline: Any = None, device: Any = None) -> MemoryReport:
     )
 
 
+def write_report(directory: str, *, rank: int | None = None, world_size: int | None = None,
+                 plot: bool = True, report: MemoryReport | None = None) -> list[str]:
+    """Write ``memory_report()`` (or ``report``) to ``directory`` as ``ciuic_report.json`` and
+    ``ciuic_report.png``, or ``ciuic_report_rank<R>.*`` when several processes train
+    (``world_size`` > 1; rank and world size default to ``torch.distributed``, else the ``RANK``
+    and ``WORLD_SIZE`` environment variables). What the integrations' report options call at the
+    end of training. Returns the paths written (the PNG is skipped, with a warning, without
+    matplotlib)."""
+    if rank is None or world_size is None:
+        found_rank, found_world = _rank_and_world()
+        rank = found_rank if rank is None else rank
+        world_size = found_world if world_size is None else world_size
+    report = memory_report() if report is None else report
+    report.meta.setdefault("rank", rank)
+    report.meta.setdefault("world_size", world_size)
+    name = "ciuic_report" if world_size <= 1 else f"ciuic_report_rank{rank}"
+    os.makedirs(directory, exist_ok=True)
+    written = [report.to_json(os.path.join(directory, name + ".json"))]
+    if plot:
+        try:
+            written.append(report.plot(os.path.join(directory, name + ".png")))
+        except ImportError as error:
+            import warnings
+
+            warnings.warn(f"ciuic: memory report written without its plot: {error}", RuntimeWarning)
+    return written
+
+
+def _rank_and_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except Exception:  # a partial torch build: fall back to the environment
+        pass
+    rank = next((int(os.environ[v]) for v in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "LOCAL_RANK")
+                 if os.environ.get(v, "").isdigit()), 0)
+    world = os.environ.get("WORLD_SIZE", "")
+    return rank, int(world) if world.isdigit() else 1
+
+
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
@@ -431,4 +473,4 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "..." + text[-(width - 3):]
 
 
-__all__ = ["CodecBytes", "MemoryReport", "ModuleRow", "memory_report"]
+__all__ = ["CodecBytes", "MemoryReport", "ModuleRow", "memory_report", "write_report"]

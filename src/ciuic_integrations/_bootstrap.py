@@ -6,8 +6,10 @@
 Launchers (``ciuic-accelerate launch --ciuic``) start each process like this. Compression is turned
 on for the main thread from ``CIUIC_MODE``, then the script runs as ``__main__`` with the argv, path
 and ``__file__`` it would have had under ``python train.py``. When ``CIUIC_STATS_DIR`` is set, the
-process writes its accounting to ``$CIUIC_STATS_DIR/ciuic_stats_rank<RANK>.json`` at the end (also
-after an error), and the process of rank 0 prints one line about the memory saved.
+process writes its accounting to ``$CIUIC_STATS_DIR/ciuic_stats_rank<RANK>.json`` and its memory
+report to ``ciuic_report.json`` / ``.png`` (``ciuic_report_rank<RANK>.*`` with several processes;
+see ``ciuic.report.write_report``) at the end (also after an error), and the process of rank 0
+prints one line about the memory saved.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ def _write_stats(directory: str, config: object) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1, default=str)
     os.replace(path + ".tmp", path)
+    from ciuic.report import write_report
+
+    # the same report as `python -m ciuic report`: ciuic_report.json + .png (per rank when several)
+    write_report(directory, rank=rank, world_size=record["world_size"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,8 @@ No change to the training script (every process compresses its training forwards
 ``ciuic-accelerate launch`` is ``accelerate launch`` (its own parser and launcher, so every option and
 ``--help`` work) plus ``--ciuic MODE`` (``lossless``, ``2:1``, ``4:1``, ``8:1``, or a JSON object of
 ``ciuic.CompressionConfig`` options such as ``'{"mode": "auto", "budget": "12GB"}'``) and
-``--ciuic_stats DIR`` (each process writes its accounting to ``DIR/ciuic_stats_rank<R>.json``). The
+``--ciuic_stats DIR`` (each process writes its accounting to ``DIR/ciuic_stats_rank<R>.json`` and
+its ``ciuic.memory_report()`` to ``DIR/ciuic_report.json`` / ``.png``). The
 mode reaches every process as ``CIUIC_MODE`` in the environment accelerate passes on, and each process
 runs the script through ``python -m ciuic_integrations._bootstrap``, which turns compression on for
 the process before running the script as ``__main__``. Other subcommands (``ciuic-accelerate config``,
@@ -141,7 +142,8 @@ def launch_parser(subparsers: Any = None) -> Any:
         default=None,
         metavar="DIR",
         help="Each process writes its ciuic accounting (bytes kept for backward, per module and codec) "
-        "to DIR/ciuic_stats_rank<RANK>.json when the script ends.",
+        "to DIR/ciuic_stats_rank<RANK>.json and its memory report (table as JSON, plot as PNG) to "
+        "DIR/ciuic_report.json/.png (ciuic_report_rank<RANK>.* with several processes) when the script ends.",
     )
     if subparsers is not None:
         parser.set_defaults(func=launch_command)

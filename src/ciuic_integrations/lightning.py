@@ -54,7 +54,10 @@ _build_lock = threading.RLock()
 # What the Trainer and Fabric strategies share
 # ------------------------------------------------------------------------------------------------
 def _init_compression(strategy: Any, mode: Any, kwargs: dict) -> dict:
-    """Set ``strategy.ciuic_config`` and its session; return the kwargs meant for Lightning."""
+    """Set ``strategy.ciuic_config`` and its session; return the kwargs meant for Lightning.
+    ``report_dir`` (optional): where each process writes ``ciuic.memory_report()`` (JSON + PNG)
+    at teardown."""
+    report_dir = kwargs.pop("report_dir", None)
     options, strategy_kwargs = split_options(kwargs)
     config = resolve_config(_DEFAULT_MODE if mode is None else mode, options)
     if config is None:
@@ -64,7 +67,23 @@ def _init_compression(strategy: Any, mode: Any, kwargs: dict) -> dict:
         )
     strategy.ciuic_config = config
     strategy._ciuic = CompressionSession(config)
+    strategy.ciuic_report_dir = report_dir
+    if report_dir is not None:
+        _report_on_close(strategy._ciuic, str(report_dir))
     return strategy_kwargs
+
+
+def _report_on_close(session: CompressionSession, directory: str) -> None:
+    """Every teardown closes the session: write the memory report there first."""
+    close = session.close
+
+    def close_with_report() -> None:
+        from ciuic.report import write_report
+
+        write_report(directory)
+        close()
+
+    session.close = close_with_report
 
 
 def _device_list(devices: Any) -> list:
@@ -114,7 +133,8 @@ def _build_trainer_strategies(package: str) -> tuple[type, type]:
 
         ``mode``: ``"lossless"``, ``"2:1"``, ``"4:1"`` (default), ``"8:1"``, ``"auto"`` (with
         ``budget="12GB"``), a dict of options or a ``ciuic.CompressionConfig``. ``device``: default
-        the Trainer's device. Other keywords: ``CompressionConfig`` options or the strategy's own.
+        the Trainer's device. ``report_dir``: write ``ciuic.memory_report()`` there (JSON + PNG)
+        at teardown. Other keywords: ``CompressionConfig`` options or the strategy's own.
         """
 
         strategy_name = "ciuic"

@@ -9,8 +9,10 @@ stays as it is)::
     python train.py ...                       # nothing is hooked
 
 ``CiuicTrainingArguments`` adds ``ciuic`` (mode: ``lossless``, ``2:1``, ``4:1``, ``8:1``, ``auto``;
-default None = off) and ``ciuic_config`` (a dict, or JSON on the command line, of further
-``ciuic.CompressionConfig`` options, e.g. ``'{"mode": "auto", "budget": "12GB"}'``).
+default None = off), ``ciuic_config`` (a dict, or JSON on the command line, of further
+``ciuic.CompressionConfig`` options, e.g. ``'{"mode": "auto", "budget": "12GB"}'``) and
+``ciuic_report`` (``--ciuic_report DIR``: each process writes ``ciuic.memory_report()`` there,
+JSON + PNG, when training ends).
 
 ``CiuicTrainer`` compresses inside ``compute_loss_context_manager``: exactly each training
 micro-batch's forward, however many gradient-accumulation steps there are. Evaluation, prediction
@@ -59,6 +61,14 @@ class CiuicTrainingArguments(TrainingArguments):
         },
     )
 
+    ciuic_report: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder where each process writes ciuic's memory report (ciuic_report.json and "
+            "ciuic_report.png: bytes kept for backward per module, codecs, bits, budget) when training ends."
+        },
+    )
+
     # TrainingArguments parses these fields from JSON strings in __post_init__.
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "ciuic_config"]
 
@@ -74,6 +84,13 @@ class CiuicTrainingArguments(TrainingArguments):
 
 def _config_from_args(args: Any) -> Any:
     return resolve_config(getattr(args, "ciuic", None), getattr(args, "ciuic_config", None))
+
+
+def _write_report(directory: str | None) -> None:
+    if directory:
+        from ciuic.report import write_report
+
+        write_report(directory)
 
 
 class CiuicTrainer(Trainer):
@@ -102,6 +119,7 @@ class CiuicTrainer(Trainer):
             return super().train(*args, **kwargs)
         finally:
             self._ciuic = None
+            _write_report(getattr(self.args, "ciuic_report", None))
             session.close()
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:
@@ -116,10 +134,13 @@ class CiuicCallback(TrainerCallback):
 
     ``mode`` (and keyword ``CompressionConfig`` options) as for ``ciuic.compression``; without
     them the callback follows ``args.ciuic`` / ``args.ciuic_config`` and does nothing when unset.
+    ``report_dir`` (default ``args.ciuic_report``): where the memory report is written when
+    training ends.
     """
 
-    def __init__(self, mode: Any = None, **options: Any) -> None:
+    def __init__(self, mode: Any = None, *, report_dir: str | None = None, **options: Any) -> None:
         self.ciuic_config = resolve_config(mode, options) if mode is not None or options else None
+        self.report_dir = report_dir
         self._session: CompressionSession | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -136,6 +157,7 @@ class CiuicCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # A run stopped between micro-batches never reaches on_step_end.
         if self._session is not None:
+            _write_report(self.report_dir or getattr(args, "ciuic_report", None))
             self._session.close()
         self._session = None
 
