@@ -166,6 +166,8 @@ def plot(baseline: dict, runs: list[dict], path: str, title: str) -> None:
     left.bar([x + 1.5 for x in xs], [(r["max_kept_solved"] or 0) / mib for r in runs], width=3,
              color=["#1f77b4" if r["met"] else "#d62728" for r in runs], label="kept (max over passes on the plan)")
     left.plot(xs, [r["min_bytes"] / mib for r in runs], "k:", marker=".", label="smallest reachable")
+    left.scatter(xs, [(r["max_kept_calibration"] or 0) / mib for r in runs], marker="x", color="#ff7f0e", zorder=3,
+                 label="kept by a calibration pass")
     left.set_xlabel("budget (% of the uncompressed pass)")
     left.set_ylabel("MiB kept for backward per pass")
     left.legend(fontsize=7)
@@ -173,13 +175,20 @@ def plot(baseline: dict, runs: list[dict], path: str, title: str) -> None:
     right.plot(xs, [r["eval_loss"] for r in runs], marker="o", label="ciuic auto")
     right.axhline(baseline["eval_loss"], color="k", linestyle="--", linewidth=1, label="uncompressed")
     right.set_xlabel("budget (% of the uncompressed pass)")
-    right.set_ylabel("eval loss")
+    right.set_ylabel(f"eval loss after {len(baseline['train_losses'])} steps")
     right.legend(fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    import textwrap
+
+    fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _title(report: dict) -> str:
+    return (f"mode='auto', budget=N% on {report['workload']} ({report['device']}, {report['threads']} thread(s), "
+            f"torch {report['torch']}, ciuic {report['git_revision']})")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,7 +203,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "budget_sweep"), help="path without extension")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the PNG from the JSON (the latest result of this device and versions)")
     args = parser.parse_args(argv)
+    if args.plot_only:
+        import json
+
+        with open(args.out + ".json") as f:
+            results = json.load(f)
+        report = max((r for k, r in results.items() if k.startswith(result_key("cpu"))), key=lambda r: r["date"])
+        runs = [report["runs"][f"{r['budget_percent']}%"] for r in report["summary"]]
+        plot(report["runs"]["uncompressed"], runs, args.out + ".png", _title(report))
+        print_table(report["runs"]["uncompressed"], runs)
+        return report
     try:
         budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError:
@@ -256,8 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     key = result_key("cpu") + f" | steps {args.steps} batch {args.batch}"
     write_json(args.out + ".json", key, report)
-    plot(baseline, runs, args.out + ".png",
-         f"mode='auto', budget=N% on {report['workload']} ({report['device']}, torch {torch.__version__})")
+    plot(baseline, runs, args.out + ".png", _title(report))
     print(f"\nwrote {args.out}.json and {args.out}.png ({report['seconds']:.0f}s)")
     return report
 
