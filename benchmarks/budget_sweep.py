@@ -186,6 +186,37 @@ def plot(baseline: dict, runs: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def markdown(report: dict) -> str:
+    """The BENCHMARKS.md section for one result (``--markdown``)."""
+    base = report["runs"]["uncompressed"]
+    lines = [
+        f"### Budget sweep: `mode=\"auto\", budget=\"N%\"` ({report['device']}, {report['threads']} thread(s), "
+        f"torch {report['torch']}, ciuic {report['git_revision']}, {report['date']})",
+        "",
+        f"{report['workload']}. Command: `{report['command'].strip()}` ({report['seconds'] / 60:.0f} min).",
+        f"Uncompressed pass: {report['uncompressed_bytes'] / 2**20:.2f} MiB kept for backward (SavedTensorMeter; the "
+        f"plan's own count agrees exactly). Kept = bytes ciuic kept in one pass, max over the passes run on a "
+        f"solved plan; calibration = max over calibration passes (pass 1, then every 200).",
+        "",
+        "| budget | budget (MiB) | smallest reachable (MiB) | report says | kept, max (MiB) | kept / budget | "
+        "calibration pass kept (MiB) | eval loss | vs uncompressed | bits in the plan (tensors) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| none | | | | {report['uncompressed_bytes'] / 2**20:.2f} | | | {base['eval_loss']:.4f} | | |",
+    ]
+    for row in report["summary"]:
+        kept, budget = row["max_kept_solved"], row["budget_bytes"]
+        bits = ", ".join(f"{'exact' if b == '0' else b + '-bit'} {n}" for b, n in
+                         sorted(row["levels"].items(), key=lambda kv: -int(kv[0]) if kv[0] != "0" else -99))
+        lines.append(
+            f"| {row['budget_percent']}% | {budget / 2**20:.2f} | {row['min_bytes'] / 2**20:.2f} | "
+            f"{'met' if row['met'] else 'NOT met'} | {kept / 2**20:.2f} | {kept / budget:.3f} | "
+            f"{row['max_kept_calibration'] / 2**20:.2f} | {row['eval_loss']:.4f} | "
+            f"{row['eval_loss'] / base['eval_loss'] - 1:+.2%} | {bits} |")
+    verdict = "yes" if report["all_met_within_budget"] else "NO"
+    lines += ["", f"Kept <= budget at every budget the report says is met: **{verdict}**."]
+    return "\n".join(lines)
+
+
 def _title(report: dict) -> str:
     return (f"mode='auto', budget=N% on {report['workload']} ({report['device']}, {report['threads']} thread(s), "
             f"torch {report['torch']}, ciuic {report['git_revision']})")
@@ -203,15 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-batches", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "budget_sweep"), help="path without extension")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the BENCHMARKS.md table of the latest result in the JSON, and exit")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw the PNG from the JSON (the latest result of this device and versions)")
     args = parser.parse_args(argv)
-    if args.plot_only:
+    if args.plot_only or args.markdown:
         import json
 
         with open(args.out + ".json") as f:
             results = json.load(f)
         report = max((r for k, r in results.items() if k.startswith(result_key("cpu"))), key=lambda r: r["date"])
+        if args.markdown:
+            print(markdown(report))
+            return report
         runs = [report["runs"][f"{r['budget_percent']}%"] for r in report["summary"]]
         plot(report["runs"]["uncompressed"], runs, args.out + ".png", _title(report))
         print_table(report["runs"]["uncompressed"], runs)
