@@ -185,6 +185,7 @@ class AdamW(torch.optim.Optimizer):
         if have_bits is None:
             raise RuntimeError(f"optimizer state of a parameter of shape {tuple(p.shape)} has keys {sorted(state)}; "
                                "expected ciuic.optim.AdamW or torch.optim.AdamW state")
+        state.setdefault("state_bits", have_bits)  # a torch.optim.AdamW state: fp32 moments
         consistent = have_bits == bits and (bits == 32 or state.get("block_size") == block)
         if consistent and bits == 32:
             consistent = all(state[k].dtype == torch.float32 and state[k].device == p.device
@@ -217,7 +218,13 @@ class AdamW(torch.optim.Optimizer):
         for pid, p in zip(saved_ids, params):
             for key, value in saved.get(pid, {}).items():
                 self.state[p][key] = value.to(device=p.device, copy=True)
-        for group in self.param_groups:
+        for i, group in enumerate(self.param_groups):  # a torch.optim.AdamW state dict lacks our options
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            for option in _TORCH_ONLY_OPTIONS[:2]:
+                if group.get(option, False):
+                    raise ValueError(f"loaded param_groups[{i}] has {option}=True, which ciuic.optim.AdamW does not "
+                                     f"implement; allowed: {option}=False")
             _check_group(group)
         self._param_index = None
 
