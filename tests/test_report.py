@@ -161,6 +161,25 @@ def test_str_names_attention_and_mlp_modules(llama_report):
 
 
 @_shared
+def test_grouped_by_layer(llama_report):
+    report = llama_report["report"]
+    layers = report.grouped(3)
+    names = [r.module for r in layers.rows]
+    assert {"model.layers.0", "model.layers.1"} <= set(names) and len(names) == len(set(names))
+    assert not any(name.startswith("model.layers.0.") for name in names)
+    assert (layers.bytes_before, layers.bytes_after) == (report.bytes_before, report.bytes_after)
+    for name in names:  # each group is the sum of the modules under it
+        members = [r for r in report.rows if r.module == name or r.module.startswith(name + ".")]
+        row = layers.row(name)
+        assert (row.tensors, row.before, row.after) == (
+            sum(r.tensors for r in members), sum(r.before for r in members), sum(r.after for r in members))
+        assert sum(c.after for c in row.codecs.values()) == row.after
+    assert "model.layers.0 " in str(layers)
+    with pytest.raises(ValueError, match="depth=0"):
+        report.grouped(0)
+
+
+@_shared
 def test_json_round_trips(llama_report, tmp_path):
     report = llama_report["report"]
     path = report.to_json(str(tmp_path / "sub" / "report.json"))
@@ -374,14 +393,16 @@ def test_cli_stops_after_steps_and_writes_the_report(tiny_script, tmp_path):
 def test_cli_short_script_failing_script_and_options(tiny_script, tmp_path):
     # a script that ends before --steps is reported as it ended
     out = tmp_path / "short"
-    result = _run_cli(["report", "--mode", "8:1", "--steps", "5", "--warmup", "0", "--no-plot", "--out", str(out),
-                       str(tiny_script), "--steps", "2"], str(tmp_path))
+    result = _run_cli(["report", "--mode", "8:1", "--steps", "5", "--warmup", "0", "--no-plot", "--depth", "1",
+                       "--out", str(out), str(tiny_script), "--steps", "2"], str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "script done ['--steps', '2']" in result.stdout
     assert "fewer than --steps 5" in result.stderr
     report = MemoryReport.from_json(str(out / "ciuic_report.json"))
     assert report.passes == 2 and report.meta["mode"] == "8:1"
     assert not (out / "ciuic_report.png").exists()
+    assert report.grouped(1).table() in result.stdout  # printed by block; the JSON keeps every module
+    assert any(r.module == "0.mlp.0" for r in report.rows)
     # a failing script: its error is shown, its exit status kept, and what ran is still reported
     out = tmp_path / "failed"
     result = _run_cli(["report", "--budget", "40%", "--steps", "5", "--out", str(out), str(tiny_script),

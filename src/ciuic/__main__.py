@@ -161,7 +161,7 @@ def _report_parser(subparsers: Any = None) -> argparse.ArgumentParser:
                     "the memory report (per-module bytes kept for backward, codecs, bits, budget) and save "
                     f"it as {REPORT_JSON} and {REPORT_PNG}. ciuic's options come before the script; "
                     "everything after the script is passed to it.",
-        usage="python -m ciuic report [options] (script.py | -m module) [script args ...]",
+        usage="%(prog)s [options] (script.py | -m module) [script args ...]",
     )
     parser = subparsers.add_parser("report", help="memory report of a training script", **kwargs) \
         if subparsers is not None else argparse.ArgumentParser(prog="ciuic report", **kwargs)
@@ -179,6 +179,9 @@ def _report_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="ciuic_report",
                         help=f"folder for {REPORT_JSON} and {REPORT_PNG} (default ./ciuic_report)")
     parser.add_argument("--top", type=int, default=None, help="print only the TOP modules keeping the most")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="print modules merged by the first DEPTH parts of their names (e.g. 3: "
+                             "model.layers.0); the saved JSON keeps every module")
     parser.add_argument("--no-plot", action="store_true", help=f"do not write {REPORT_PNG}")
     parser.add_argument("--no-progress", action="store_true", help="no progress line")
     parser.add_argument("-m", "--module", action="store_true",
@@ -218,6 +221,8 @@ def run_report(args: argparse.Namespace) -> int:
                          f"({args.steps})")
     if args.top is not None and args.top < 1:
         raise SystemExit(f"ciuic report: error: --top {args.top} is not valid; allowed: an int >= 1")
+    if args.depth is not None and args.depth < 1:
+        raise SystemExit(f"ciuic report: error: --depth {args.depth} is not valid; allowed: an int >= 1")
     config = _config(args)
 
     import ciuic
@@ -258,7 +263,8 @@ def run_report(args: argparse.Namespace) -> int:
     report = watcher.finish()
     if failure:
         report.meta["script_error"] = failure
-    print(report.summary() + "\n\n" + report.table(top=args.top) if report.rows else str(report))
+    shown = report.grouped(args.depth) if args.depth else report
+    print(shown.summary() + "\n\n" + shown.table(top=args.top) if report.rows else str(report))
     if watcher.started < args.steps:
         print(f"\nciuic report: the script ran {watcher.started} training pass(es) under compression, "
               f"fewer than --steps {args.steps}", file=sys.stderr)
@@ -276,7 +282,8 @@ def run_report(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ciuic`` and the ``ciuic`` command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="ciuic", description="ciuic: compressed activations for PyTorch training.")
+    prog = "ciuic" if os.path.basename(sys.argv[0] or "") == "ciuic" else "python -m ciuic"
+    parser = argparse.ArgumentParser(prog=prog, description="ciuic: compressed activations for PyTorch training.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _report_parser(subparsers)
     if not argv:

@@ -124,6 +124,27 @@ class MemoryReport:
                 return r
         raise KeyError(f"module {module!r} is not in the report; modules: {', '.join(r.module for r in self.rows)}")
 
+    def grouped(self, depth: int) -> "MemoryReport":
+        """The same report with modules merged by the first ``depth`` parts of their dotted names
+        (``depth=3``: ``model.layers.0.mlp.down_proj`` -> ``model.layers.0``): bytes, tensors,
+        codecs and plan levels add up; totals are unchanged."""
+        if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+            raise ValueError(f"depth={depth!r} is not valid; allowed: an int >= 1")
+        merged: dict[str, ModuleRow] = {}
+        for r in self.rows:
+            name = ".".join(r.module.split(".")[:depth])
+            row = merged.setdefault(name, ModuleRow(module=name, tensors=0, before=0, after=0))
+            row.tensors += r.tensors
+            row.before += r.before
+            row.after += r.after
+            for codec, c in r.codecs.items():
+                into = row.codecs.setdefault(codec, CodecBytes())
+                into.tensors, into.before, into.after = into.tensors + c.tensors, into.before + c.before, into.after + c.after
+            for bits, count in r.levels.items():
+                row.levels[bits] = row.levels.get(bits, 0) + count
+        rows = sorted(merged.values(), key=lambda r: (-r.after, -r.before, r.module))
+        return dataclasses.replace(self, rows=rows, meta=dict(self.meta, grouped_depth=depth))
+
     # -- serialisation -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """A JSON-ready dict (ratios included for readers; ``from_dict`` recomputes them)."""
