@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_env()
     if config is not None:
         ciuic.enable_compression(config)
+    from ._optim import optimizer_from_env
+
+    optimizer, fuse_update = optimizer_from_env()  # CIUIC_OPTIM / CIUIC_FUSE_UPDATE (--ciuic_optim)
+    if optimizer is not None or fuse_update:
+        from .accelerate import patch_accelerator
+
+        patch_accelerator(optimizer, fuse_update)
     stats_dir = os.environ.get(ENV_STATS_DIR)
     try:
         if as_module:

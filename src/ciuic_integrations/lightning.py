@@ -18,6 +18,24 @@ Keyword arguments that are ``ciuic.CompressionConfig`` options (``budget``, ``gr
 ``rounding``, ...) configure compression; the others go to the Lightning strategy (``device``,
 ``find_unused_parameters``, ``process_group_backend``, ...).
 
+Gradient and optimizer-state memory (Trainer strategies only; one config, no change to the
+LightningModule):
+
+    Trainer(strategy=CiuicStrategy(optimizer="adamw4bit", fuse_update=True), precision="bf16-true")
+    Trainer(strategy=CiuicDDPStrategy(optimizer="adamw8bit"))         # gradients all-reduced in 8 bits
+    Trainer(strategy="ciuic_ddp")                                     # the same gradient hook, default on
+
+``optimizer="adamw8bit" | "adamw4bit"`` turns each ``torch.optim.AdamW`` that ``configure_optimizers``
+returns into ``ciuic.optim.AdamW`` with the same hyperparameters and parameter groups
+(``AdamW.from_torch``; LR schedulers are moved to it; bf16 parameters, e.g. under
+``precision="bf16-true"``, get stochastic rounding and no fp32 master copy). Any other optimizer
+type raises TypeError. ``fuse_update=True`` (single device only) runs each parameter's update
+inside backward and frees its gradient (``ciuic.optim.fuse_into_backward``); it raises ValueError
+with ``accumulate_grad_batches > 1``, ``gradient_clip_val`` or ``precision="16-mixed"``.
+``CiuicDDPStrategy`` all-reduces gradients as 8-bit block codes with error feedback
+(``ciuic.distributed``; ``gradient_bits=4`` for 4-bit, ``gradient_bits=None`` for DDP's own fp32
+all-reduce); the hook's state, with the bytes sent per step, is ``strategy.ciuic_gradient_state``.
+
 Registered names (Trainer and Fabric alike): ``ciuic``, ``ciuic_ddp`` (4:1), and per mode
 ``ciuic_<mode>``, ``ciuic_ddp_<mode>`` for lossless, 2:1, 4:1, 8:1. They exist after ``import ciuic``
 (see ``ciuic_integrations._register_lazy``); ``register_strategies()`` registers them explicitly.
@@ -32,6 +50,7 @@ import threading
 from typing import Any
 
 from ._common import CompressionSession, require, resolve_config, split_options
+from ._optim import check_fusable, convert_optimizer, fuse, parse_flag, parse_optimizer, retarget_scheduler
 
 # Modes with a registered name (auto needs a budget, so it is only reachable through the class).
 _NAMED_MODES = ("lossless", "2:1", "4:1", "8:1")
@@ -90,6 +109,42 @@ def _device_list(devices: Any) -> list:
     return list(devices) if devices is not None else []
 
 
+# ------------------------------------------------------------------------------------------------
+# Optimizer and gradients (Trainer strategies)
+# ------------------------------------------------------------------------------------------------
+def _init_optimizer(strategy: Any, optimizer: Any, fuse_update: Any) -> None:
+    strategy.ciuic_optimizer = parse_optimizer(optimizer, "optimizer")
+    strategy.ciuic_fuse_update = parse_flag(fuse_update, "fuse_update")
+    strategy._ciuic_fused: list = []
+
+
+def _apply_optimizer(strategy: Any, trainer: Any) -> None:
+    """After Lightning built the optimizers from ``configure_optimizers``: convert, then fuse."""
+    if strategy.ciuic_optimizer is not None:
+        converted = []
+        for old in strategy.optimizers:
+            new = convert_optimizer(old, strategy.ciuic_optimizer)
+            for config in strategy.lr_scheduler_configs:
+                retarget_scheduler(config.scheduler, old, new)
+            converted.append(new)
+        strategy.optimizers = converted
+    if strategy.ciuic_fuse_update:
+        check_fusable(
+            accumulation_steps=trainer.accumulate_grad_batches, clipping=trainer.gradient_clip_val,
+            loss_scaling=getattr(strategy.precision_plugin, "scaler", None) is not None,
+            where="Lightning Trainer: accumulate_grad_batches, gradient_clip_val, precision",
+        )
+        strategy._ciuic_fused = fuse(strategy.optimizers)
+        for handle in strategy._ciuic_fused:
+            handle._warned = True  # Lightning calls optimizer.step(closure): expected, not worth a warning
+
+
+def _remove_fused(strategy: Any) -> None:
+    for handle in getattr(strategy, "_ciuic_fused", []):
+        handle.remove()
+    strategy._ciuic_fused = []
+
+
 class _SingleDeviceMixin:
     """Follows the Trainer's/Fabric's device when none was given, as Lightning's own strategy
     selection does: the connector hands over its devices through ``parallel_devices``."""
@@ -139,16 +194,24 @@ def _build_trainer_strategies(package: str) -> tuple[type, type]:
 
         strategy_name = "ciuic"
 
-        def __init__(self, mode: Any = _DEFAULT_MODE, device: Any = None, **kwargs: Any) -> None:
+        def __init__(self, mode: Any = _DEFAULT_MODE, device: Any = None, *, optimizer: str | None = None,
+                     fuse_update: bool = False, **kwargs: Any) -> None:
+            # optimizer: "adamw8bit" | "adamw4bit" | None; fuse_update: see the module docstring
+            _init_optimizer(self, optimizer, fuse_update)
             strategy_kwargs = _init_compression(self, mode, kwargs)
             self._ciuic_device_given = device is not None
             super().__init__(device="cpu" if device is None else device, **strategy_kwargs)
+
+        def setup_optimizers(self, trainer: Any) -> None:
+            super().setup_optimizers(trainer)
+            _apply_optimizer(self, trainer)
 
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
             with self._ciuic.step():
                 return super().training_step(*args, **kwargs)
 
         def teardown(self) -> None:
+            _remove_fused(self)
             super().teardown()
             self._ciuic.close()
 
@@ -162,19 +225,56 @@ def _build_trainer_strategies(package: str) -> tuple[type, type]:
 
         ``mode`` as for ``CiuicStrategy``; other keywords: ``CompressionConfig`` options or
         ``DDPStrategy``'s own (``find_unused_parameters``, ``start_method``, ...).
+        ``gradient_bits``: 8 (default) or 4: gradients are all-reduced as block codes with error
+        feedback (``ciuic.distributed``); None: DDP's own all-reduce (or your ``ddp_comm_hook``).
+        ``gradient_block_size``: elements per shared scale (default 256 at 8 bits, 64 at 4).
+        ``optimizer``: as for ``CiuicStrategy``. (``fuse_update`` cannot work under DDP: the
+        post-accumulate-grad hook fires before DDP has averaged the gradient.)
         """
 
         strategy_name = "ciuic_ddp"
 
-        def __init__(self, mode: Any = _DEFAULT_MODE, **kwargs: Any) -> None:
+        def __init__(self, mode: Any = _DEFAULT_MODE, *, optimizer: str | None = None, fuse_update: bool = False,
+                     gradient_bits: int | None = 8, gradient_block_size: int | None = None,
+                     **kwargs: Any) -> None:
+            _init_optimizer(self, optimizer, fuse_update)
+            if self.ciuic_fuse_update:
+                raise ValueError(
+                    "fuse_update=True cannot be used with DDP: each parameter's update would run on its local "
+                    "gradient, before DDP averages it across processes; allowed: fuse_update=False")
+            if gradient_bits is not None:
+                from ciuic.distributed import CompressedAllReduceState
+
+                if kwargs.get("ddp_comm_hook") is not None:
+                    raise ValueError("gradient_bits and ddp_comm_hook both set a DDP communication hook; pass "
+                                     "gradient_bits=None to use your own ddp_comm_hook")
+                # validates gradient_bits and gradient_block_size now, not when DDP starts
+                CompressedAllReduceState(bits=gradient_bits, block_size=gradient_block_size)
+            self.ciuic_gradient_bits = gradient_bits
+            self.ciuic_gradient_block_size = gradient_block_size
+            self.ciuic_gradient_state: Any = None
             strategy_kwargs = _init_compression(self, mode, kwargs)
             super().__init__(**strategy_kwargs)
+
+        def _register_ddp_hooks(self) -> None:
+            if self.ciuic_gradient_bits is None:
+                return super()._register_ddp_hooks()
+            from ciuic.distributed import compress_ddp_gradients
+
+            # Lightning registers comm hooks on CUDA only; ciuic's hook also runs on gloo (CPU).
+            self.ciuic_gradient_state = compress_ddp_gradients(
+                self.model, bits=self.ciuic_gradient_bits, block_size=self.ciuic_gradient_block_size)
+
+        def setup_optimizers(self, trainer: Any) -> None:
+            super().setup_optimizers(trainer)
+            _apply_optimizer(self, trainer)
 
         def training_step(self, *args: Any, **kwargs: Any) -> Any:
             with self._ciuic.step():
                 return super().training_step(*args, **kwargs)
 
         def teardown(self) -> None:
+            _remove_fused(self)
             super().teardown()
             self._ciuic.close()
 

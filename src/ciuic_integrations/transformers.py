@@ -22,6 +22,15 @@ builds the full logits; ``ciuic_config={"lean_lm_head": false}`` skips it), exce
 precision, where accelerate wraps the forward on top of it: it then stays, acting only in training
 forwards with labels.
 
+Gradient and optimizer-state memory (``CiuicTrainer`` only; independent of ``--ciuic``):
+``--ciuic_optim adamw8bit|adamw4bit`` turns the AdamW the Trainer builds (``--optim adamw_torch``
+or ``adamw_torch_fused``, the default, with ``--learning_rate``, ``--adam_beta1/2``,
+``--adam_epsilon``, ``--weight_decay`` and the Trainer's no-decay groups) into
+``ciuic.optim.AdamW(state_bits=8|4)`` with the same settings (bf16 parameters get stochastic
+rounding: no fp32 master copy); another ``--optim`` raises TypeError. ``--ciuic_fuse_update``
+updates each parameter inside backward and frees its gradient; it needs ``--max_grad_norm 0``,
+``--gradient_accumulation_steps 1``, no ``--fp16`` and one process (ValueError otherwise).
+
 For a trainer class you cannot swap (e.g. a TRL trainer), ``CiuicCallback`` does the same with any
 ``Trainer``: ``trainer.add_callback(CiuicCallback("4:1"))`` (or ``CiuicCallback()`` to follow
 ``args.ciuic``). It opens the engine in ``on_step_begin`` and closes it in ``on_step_end``, which
@@ -35,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._common import CompressionSession, require, resolve_config
+from ._optim import check_fusable, convert_optimizer, parse_optimizer
 
 _transformers = require("transformers", "transformers")
 TrainingArguments = _transformers.TrainingArguments
@@ -69,12 +79,30 @@ class CiuicTrainingArguments(TrainingArguments):
         },
     )
 
+    ciuic_optim: str | None = field(
+        default=None,
+        metadata={
+            "help": "Replace the Trainer's AdamW with ciuic.optim.AdamW with 8- or 4-bit moments and the same "
+            "hyperparameters: adamw8bit or adamw4bit. Default: off."
+        },
+    )
+    ciuic_fuse_update: bool = field(
+        default=False,
+        metadata={
+            "help": "Run each parameter's optimizer update inside backward and free its gradient at once "
+            "(needs --max_grad_norm 0 and --gradient_accumulation_steps 1)."
+        },
+    )
+
     # TrainingArguments parses these fields from JSON strings in __post_init__.
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "ciuic_config"]
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.ciuic_compression_config  # a bad mode or option fails at parse time, not mid-training
+        self.ciuic_optim = parse_optimizer(self.ciuic_optim, "--ciuic_optim")
+        if self.ciuic_fuse_update:
+            _check_fuse_args(self)
 
     @property
     def ciuic_compression_config(self) -> Any:
@@ -84,6 +112,30 @@ class CiuicTrainingArguments(TrainingArguments):
 
 def _config_from_args(args: Any) -> Any:
     return resolve_config(getattr(args, "ciuic", None), getattr(args, "ciuic_config", None))
+
+
+def _check_fuse_args(args: Any) -> None:
+    check_fusable(
+        accumulation_steps=args.gradient_accumulation_steps,
+        clipping=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
+        loss_scaling=bool(args.fp16),
+        where="--ciuic_fuse_update with --gradient_accumulation_steps, --max_grad_norm, --fp16",
+    )
+    if args.world_size > 1:
+        raise ValueError(f"--ciuic_fuse_update cannot be used with {args.world_size} processes (DDP averages "
+                         "gradients after the update would have run); allowed: one process")
+
+
+class _RemoveFusedUpdate(TrainerCallback):
+    """Gives ``optimizer.step`` back its normal behaviour when training ends."""
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = trainer
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        handle = self._trainer.__dict__.pop("_ciuic_fused", None)
+        if handle is not None:
+            handle.remove()
 
 
 def _write_report(directory: str | None) -> None:
@@ -102,6 +154,24 @@ class CiuicTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.ciuic_config = resolve_config(ciuic) if ciuic is not None else _config_from_args(self.args)
         self._ciuic: CompressionSession | None = None
+        self.ciuic_optim = parse_optimizer(getattr(self.args, "ciuic_optim", None), "--ciuic_optim")
+        self.ciuic_fuse_update = bool(getattr(self.args, "ciuic_fuse_update", False))
+        if self.ciuic_fuse_update:
+            _check_fuse_args(self.args)
+            self.add_callback(_RemoveFusedUpdate(self))
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's optimizer, turned into ``ciuic.optim.AdamW`` by ``--ciuic_optim`` and fused
+        into backward by ``--ciuic_fuse_update``."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.ciuic_optim is not None:
+            optimizer = self.optimizer = convert_optimizer(optimizer, self.ciuic_optim)
+        if self.ciuic_fuse_update and getattr(optimizer, "_ciuic_fused_handle", None) is None:
+            from ciuic.optim import fuse_into_backward
+
+            self._ciuic_fused = fuse_into_backward(optimizer)
+            self._ciuic_fused._warned = True  # the Trainer calls optimizer.step(): expected
+        return optimizer
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.ciuic_config is None:
