@@ -140,7 +140,7 @@ def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: in
         opt.step()
         result.train_losses.append(float(loss.detach()))
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, result.train_losses[-1])
     result.seconds = time.perf_counter() - start
     model.eval()
     egen = torch.Generator().manual_seed(10_000 + seed)

@@ -26,7 +26,8 @@ from . import recompute as _recompute
 from . import stats as _stats
 from .handles import CopyRef, ParamCast, Pack, Ref, View, is_kept, pack_key, source, storage_key, view_of
 from .planner import PassState, Planner
-from .tracking import OpTracker, claim_module_hooks, compiling, param_source, state, unclaim_module_hooks
+from .tracking import (OpTracker, claim_module_hooks, compiling, note_saved, param_source, state,
+                       unclaim_module_hooks)
 
 _RECOMPUTE_CLASSES = ("elementwise", "linear_input", "conv_input", "norm")
 _MASK = BitmaskSpec()
@@ -193,6 +194,7 @@ class Engine:
             kept = t.detach().clone()
             after = kept.numel() * kept.element_size()
             handle = CopyRef(kept, t)
+            note_saved(handle, t)
         else:
             handle = Ref(kept)
             if before:
@@ -234,13 +236,13 @@ class Engine:
             return Ref(t.detach())  # kept exact: its storage is already held (and counted)
         if isinstance(handle, _recompute.Recompute):
             self.planner.add_consumer(handle.sites, module)
-            return handle.again((tuple(t.shape), t.stride(), t.storage_offset()), weakref.ref(
-                t._base if t._base is not None else t), t._version)
+            return _noted(handle.again((tuple(t.shape), t.stride(), t.storage_offset()), weakref.ref(
+                t._base if t._base is not None else t), t._version), t)
         if op is not None:
             self._maybe_upgrade(handle, t, view, op)
             if entry.site is not None:
                 self.planner.add_consumer((entry.site,), module)  # its error reaches this module too
-        return View.of(handle, view, t)
+        return _noted(View.of(handle, view, t), t)
 
     def _recompute(self, t: torch.Tensor, current: PassState, key: tuple, view: tuple, module: str,
                    cls: str) -> Any:
@@ -256,6 +258,7 @@ class Engine:
         handle = _recompute.build(recipe, owner, t)
         if handle is None:
             return None
+        note_saved(handle, t)
         self.planner.add_consumer(handle.sites, module)  # the recomputed tensor's error reaches it
         before = t.numel() * t.element_size() if view[1] is None else t.untyped_storage().nbytes()
         _stats.charge(handle, module, "recompute", cls, before, 0)
@@ -295,7 +298,7 @@ class Engine:
         if site_key is None:
             current.fixed_after += packed.nbytes
         current.remember(key, t, pack, site_key)
-        return View.of(pack, view, t)
+        return _noted(View.of(pack, view, t), t)
 
     def _maybe_upgrade(self, pack: Pack, t: torch.Tensor, view: tuple, op: str) -> None:
         """A tensor packed for a robust op is now also saved by a sensitive one: re-pack finer."""
@@ -386,3 +389,8 @@ class Engine:
             return handle.unpack()
         finally:
             st.in_codec = prev
+
+
+def _noted(handle: Any, t: torch.Tensor) -> Any:
+    note_saved(handle, t)
+    return handle

@@ -38,17 +38,22 @@ def is_kept(t: torch.Tensor) -> bool:
 # ----------------------------------------------------------------------------------------------
 # In-place checks
 # ----------------------------------------------------------------------------------------------
-def check_version(tensor: torch.Tensor | None, expected: int) -> None:
-    """Raise autograd's in-place error when ``tensor`` was written to after it was saved."""
+def check_version(tensor: torch.Tensor | None, expected: int, written: int | None = None) -> None:
+    """Raise autograd's in-place error when ``tensor`` was written to after it was saved (or, once
+    it is gone, when the op tracker saw a write to its storage: ``written`` is the version then)."""
     if tensor is not None and tensor._version != expected:
-        kind = f"torch.{tensor.dtype}".replace("torch.torch.", "torch.")
-        raise RuntimeError(
-            "one of the variables needed for gradient computation has been modified by an inplace "
-            f"operation: [{kind} {list(tensor.shape)}] is at version {tensor._version}; expected "
-            f"version {expected} instead. Hint: the tensor was saved for backward (under ciuic's "
-            "compression) and written to in place before backward ran; write to a copy (x = x.clone()) "
-            "or use the out-of-place op."
-        )
+        _raise_inplace(f"{tensor.dtype} {list(tensor.shape)}", tensor._version, expected)
+    if written is not None:
+        _raise_inplace("a saved tensor", written, expected)
+
+
+def _raise_inplace(what: str, version: int, expected: int) -> None:
+    raise RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an inplace "
+        f"operation: [{what}] is at version {version}; expected version {expected} instead. Hint: "
+        "the tensor was saved for backward (under ciuic's compression) and written to in place "
+        "before backward ran; write to a copy (x = x.clone()) or use the out-of-place op."
+    )
 
 
 def anchor_of(t: torch.Tensor) -> torch.Tensor:
@@ -75,15 +80,16 @@ class CopyRef(Ref):
     """A small view kept as a copy (so its large storage can be freed): checked for in-place
     writes against the tensor it was copied from, through a weak reference."""
 
-    __slots__ = ("source",)
+    __slots__ = ("anchor", "written")
 
     def __init__(self, copy: torch.Tensor, t: torch.Tensor) -> None:
         super().__init__(copy)
-        self.source = weakref.ref(anchor_of(t))
+        self.anchor = weakref.ref(anchor_of(t))
         self.version = t._version
+        self.written = None
 
     def unpack(self) -> torch.Tensor:
-        check_version(self.source(), self.version)
+        check_version(self.anchor(), self.version, self.written)
         return self.tensor
 
 
@@ -198,10 +204,11 @@ class View:
     counter when saved). Each ``View`` is one use of its pack (unpacked once by autograd, or once
     by a recompute)."""
 
-    __slots__ = ("pack", "view", "anchor", "version", "__weakref__")
+    __slots__ = ("pack", "view", "anchor", "version", "written", "__weakref__")
 
     def __init__(self, pack: Pack, view: tuple, anchor: weakref.ref, version: int) -> None:
         self.pack, self.view, self.anchor, self.version = pack, view, anchor, version
+        self.written = None  # the version an in-place write seen by the op tracker left
         pack.uses += 1
 
     @classmethod
@@ -213,5 +220,5 @@ class View:
         return View(self.pack, self.view, self.anchor, self.version)
 
     def unpack(self) -> torch.Tensor:
-        check_version(self.anchor(), self.version)
+        check_version(self.anchor(), self.version, self.written)
         return rebuild(self.pack.decode(), self.view)

@@ -27,6 +27,7 @@ import torch
 from ..config import CompressionConfig
 from ..policy import CLASS_LEVELS, EXACT, Plan, Site, solve
 from . import stats as _stats
+from .tracking import note_saved
 
 _SHAPE_DRIFT = 2.0  # a pass this many times larger or smaller than the calibrated one recalibrates
 
@@ -49,6 +50,7 @@ class PassState:
     fixed_after: int = 0  # bytes kept by tensors the plan does not decide (masks, exact keeps)
     unknown_sites: int = 0  # saves at places the plan has never seen
     root: Any = None  # weak reference to the outermost module that ran in this pass, if any
+    watched: dict = field(default_factory=dict)  # storage address -> weak handles saved from it
 
     def site_key(self, module: str, op: str) -> tuple:
         base = (module, op)
@@ -61,7 +63,8 @@ class PassState:
         if len(self.cache) > 4096:
             self.cache = {k: v for k, v in self.cache.items() if v.anchor() is not None}
         anchor = t._base if t._base is not None else t
-        self.cache[key] = CacheEntry(weakref.ref(anchor), weakref.ref(handle), site)
+        entry = self.cache[key] = CacheEntry(weakref.ref(anchor), weakref.ref(handle), site)
+        note_saved(entry, t)
 
     def lookup(self, key: tuple) -> tuple[Any, CacheEntry] | tuple[None, None]:
         """(handle, entry) when ``key`` was packed in this pass and is alive, else (None, None)."""
@@ -94,6 +97,9 @@ class Planner:
 
     # -- pass boundaries -----------------------------------------------------------------------
     def on_pack(self) -> None:
+        if self._callback_queued and torch._C._current_graph_task_id() == -1:
+            # a backward began and is over without running its final callback: it raised
+            self._backward_ended()
         if self._need_pass:
             self._begin_pass()
 

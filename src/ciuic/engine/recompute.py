@@ -55,13 +55,14 @@ class Recipe:
 class Recompute:
     """A saved tensor rebuilt in backward by re-running a cheap op on inputs ciuic keeps."""
 
-    __slots__ = ("func", "args", "kwargs", "dtype", "view", "sites", "anchor", "version", "__weakref__")
+    __slots__ = ("func", "args", "kwargs", "dtype", "view", "sites", "anchor", "version", "written", "__weakref__")
 
     def __init__(self, func: Any, args: list, kwargs: dict, dtype: torch.dtype, view: tuple | None,
                  sites: tuple, anchor: weakref.ref, version: int) -> None:
         self.func, self.args, self.kwargs, self.dtype, self.view = func, args, kwargs, dtype, view
         self.sites = sites  # plan sites of the packs it is rebuilt from (their errors reach it)
         self.anchor, self.version = anchor, version  # the saved tensor's in-place check
+        self.written = None
 
     def again(self, view: tuple | None, anchor: weakref.ref, version: int) -> "Recompute":
         """Another use (another saved view) of the same recomputed tensor: its pack inputs are
@@ -71,7 +72,7 @@ class Recompute:
         return Recompute(self.func, args, self.kwargs, self.dtype, view, self.sites, anchor, version)
 
     def unpack(self) -> torch.Tensor:
-        check_version(self.anchor(), self.version)
+        check_version(self.anchor(), self.version, self.written)
         args = [a.unpack() if isinstance(a, _HANDLES) else a for a in self.args]
         with torch.no_grad():
             out = self.func(*args, **self.kwargs)

@@ -13,6 +13,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.overrides import TorchFunctionMode
 
 _tls = threading.local()
@@ -30,6 +31,7 @@ def state() -> Any:
         s.op = ""  # the outermost torch function running now
         s.op_args = ()  # and its positional arguments
         s.op_packs = 0  # tensors that op saved so far
+        s.op_saved = []  # (object with an ``anchor``, storage address) made while that op ran
         s.modules = []  # (name, class name, module) of the running modules, innermost last
         s.root_names = None
         s.in_codec = False
@@ -72,12 +74,87 @@ class OpTracker(TorchFunctionMode):
         finally:
             st.op = ""
             st.op_args = ()
+        if st.op_saved:
+            _reanchor(st.op_saved, result)
+            st.op_saved = []
+        if st.engines and _writes_in_place(name, args, kwargs):
+            watched = st.engines[-1].planner.current.watched
+            if watched:
+                for a in (args[0], kwargs.get("out")):
+                    if isinstance(a, torch.Tensor):
+                        _note_write(watched, a)
         if type(result) is torch.Tensor and st.engines:
             if name in RECOMPUTABLE and result.requires_grad:
                 st.engines[-1]._note_recipe(func, args, kwargs, result)
             elif name in _COPY_OPS and args and isinstance(args[0], torch.Tensor):
                 _note_copy(st, args[0], result)
         return result
+
+
+_IN_PLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                               "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                               "__setitem__"})
+
+
+def _writes_in_place(name: str, args: tuple, kwargs: dict) -> bool:
+    return bool(args) and (
+        (name.endswith("_") and not name.endswith("__")) or name in _IN_PLACE_DUNDERS
+        or kwargs.get("inplace") is True or kwargs.get("out") is not None)
+
+
+def _note_write(watched: dict, a: torch.Tensor) -> None:
+    """An op wrote to ``a`` in place: every tensor saved from its storage before the write is
+    stale (autograd would raise when backward needs it). Seen here, the write is caught even when
+    the tensor object is gone by the time backward runs."""
+    storage = a.untyped_storage()
+    address = storage.data_ptr()
+    holders = watched.get(address)
+    if not holders:
+        return
+    version = a._version
+    alive = []
+    for ref, saved_storage in holders:
+        holder = ref()
+        # A freed storage's address is reused by new tensors: only a write to the very storage
+        # that was saved counts.
+        if holder is None or saved_storage.expired():
+            continue
+        alive.append((ref, saved_storage))
+        if holder.version != version and holder.written is None:
+            holder.written = version
+    watched[address] = alive
+
+
+def _reanchor(saved: list, result: Any) -> None:
+    """An op's output is saved through a short-lived alias (autograd hands pack hooks a
+    ``tensor_data()`` copy of an output, sharing its storage and version counter): once the op
+    has returned, anchor what pack made for it on the output the program holds, so in-place
+    writes to that output are seen and later saves of it are recognised."""
+    outputs = [result] if isinstance(result, torch.Tensor) else [
+        r for r in result if isinstance(r, torch.Tensor)] if isinstance(result, (tuple, list)) else []
+    if not outputs:
+        return
+    by_storage = {}
+    for out in outputs:
+        base = out._base if out._base is not None else out
+        by_storage.setdefault(base.untyped_storage().data_ptr(), base)
+    for holder, address in saved:
+        if holder.anchor() is None:
+            owner = by_storage.get(address)
+            if owner is not None:
+                holder.anchor = weakref.ref(owner)
+
+
+def note_saved(holder: Any, t: torch.Tensor) -> None:
+    """``holder`` (anything with an ``anchor`` weak reference) was made for saved tensor ``t``
+    while an op runs: re-anchored on the op's output when ``t`` is an alias of it."""
+    st = state()
+    address = t.untyped_storage().data_ptr()
+    if st.op:
+        st.op_saved.append((holder, address))
+    if hasattr(holder, "written") and st.engines:
+        st.engines[-1].planner.current.watched.setdefault(address, []).append(
+            (weakref.ref(holder), StorageWeakRef(t.untyped_storage())))
 
 
 def _note_copy(st: Any, a: torch.Tensor, result: torch.Tensor) -> None:
@@ -112,7 +189,7 @@ def _grad_fn_source(base: torch.Tensor) -> torch.Tensor | None:
     return nxt.variable
 
 
-_verified: "weakref.WeakKeyDictionary[torch.Tensor, dict]" = weakref.WeakKeyDictionary()
+_verified: dict = {}  # id(param) -> (weak param, {place: verdict})
 
 
 def param_source(t: torch.Tensor, st: Any) -> torch.Tensor | None:
@@ -156,7 +233,13 @@ def _cast_inside_op(base: torch.Tensor, st: Any) -> torch.Tensor | None:
         return None
     param = candidates[0]
     where = (st.modules[-1][0] if st.modules else "", st.op, st.op_packs, base.dtype)
-    verdicts = _verified.setdefault(param, {})
+    entry = _verified.get(id(param))
+    if entry is None or entry[0]() is not param:
+        if len(_verified) > 4096:
+            for key in [k for k, v in _verified.items() if v[0]() is None]:
+                del _verified[key]
+        entry = _verified[id(param)] = (weakref.ref(param), {})
+    verdicts = entry[1]
     verdict = verdicts.get(where)
     if verdict is None:
         with torch.no_grad():

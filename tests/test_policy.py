@@ -1,0 +1,121 @@
+"""Unit tests of the bit plan (``ciuic.policy``): ``classify`` from what saved a tensor, ``solve``
+against a brute-force check of its constraints (budget met, monotone in the budget, class floors)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from ciuic.policy import CLASS_LEVELS, EXACT, Site, classify, expected_sq_error, level_nbytes, solve
+
+GROUP = 64
+
+
+def _sites(n: int = 24, seed: int = 0) -> list[Site]:
+    rng = random.Random(seed)
+    classes = list(CLASS_LEVELS)
+    sites = []
+    for i in range(n):
+        cls = classes[i % len(classes)]
+        numel = GROUP * rng.randint(16, 4096)
+        sites.append(Site(key=("m", "op", i), cls=cls, module=f"m{i % 5}", numel=numel, element_size=2,
+                          group_ranges_sq_sum=rng.uniform(0.1, 10.0) * numel / GROUP,
+                          gradient_weight=rng.uniform(0.01, 5.0)))
+    return sites
+
+
+def _cost(plan, sites) -> int:
+    return sum(s.cost(plan.levels[s.key], GROUP) for s in sites)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.12, 0.2, 0.3, 0.5, 0.8, 1.2])
+def test_budget_is_met_whenever_it_can_be(fraction):
+    sites = _sites()
+    exact = sum(s.cost(EXACT, GROUP) for s in sites)
+    lowest = sum(s.cost(s.levels()[-1], GROUP) for s in sites)
+    budget = fraction * exact
+    plan = solve(sites, budget, GROUP)
+    assert plan.planned_bytes == _cost(plan, sites)  # the solver's own total is the real one
+    if budget >= lowest:
+        assert plan.feasible and plan.planned_bytes <= budget
+    else:
+        assert not plan.feasible and plan.planned_bytes == lowest  # as small as the classes allow
+
+
+def test_every_tensor_stays_within_its_class():
+    sites = _sites()
+    for fraction in (0.01, 0.25, 2.0):
+        plan = solve(sites, fraction * sum(s.cost(EXACT, GROUP) for s in sites), GROUP)
+        for s in sites:
+            assert plan.levels[s.key] in CLASS_LEVELS[s.cls], (s.cls, plan.levels[s.key])
+        # the sensitive classes never go below their floor, however tight the budget
+        for s in sites:
+            if s.cls in ("attention_qk", "loss"):
+                assert plan.levels[s.key] in (EXACT, 8)
+            if s.cls == "attention_stats":
+                assert plan.levels[s.key] == EXACT
+
+
+def test_bytes_are_monotone_in_the_budget():
+    sites = _sites(seed=3)
+    exact = sum(s.cost(EXACT, GROUP) for s in sites)
+    planned = [solve(sites, f * exact, GROUP).planned_bytes for f in (0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 1.0)]
+    assert planned == sorted(planned), planned
+
+
+def test_more_sensitive_tensors_get_more_bits():
+    """Two linear inputs alike but for their gradient weight: under a budget that needs one of them
+    at low precision, it is the less sensitive one."""
+    a = Site(key=("a",), cls="linear_input", module="a", numel=GROUP * 1024, element_size=2,
+             group_ranges_sq_sum=1024.0, gradient_weight=100.0)
+    b = Site(key=("b",), cls="linear_input", module="b", numel=GROUP * 1024, element_size=2,
+             group_ranges_sq_sum=1024.0, gradient_weight=0.01)
+    budget = a.cost(8, GROUP) + b.cost(2, GROUP)
+    plan = solve([a, b], budget, GROUP)
+    assert plan.levels[("a",)] > plan.levels[("b",)] or plan.levels[("a",)] == EXACT
+
+
+def test_small_problem_matches_brute_force_budget_feasibility():
+    sites = _sites(n=6, seed=5)
+    exact = sum(s.cost(EXACT, GROUP) for s in sites)
+    for fraction in (0.1, 0.2, 0.35):
+        budget = fraction * exact
+        feasible = any(sum(s.cost(lv, GROUP) for s, lv in zip(sites, combo)) <= budget
+                       for combo in itertools.product(*(s.levels() for s in sites)))
+        assert solve(sites, budget, GROUP).feasible == feasible
+
+
+def test_cost_and_error_model():
+    # bytes: payload + per-group metadata, as the codec stores them (policy.quant_nbytes)
+    assert level_nbytes(EXACT, 1000, 2, GROUP) == 2000
+    assert level_nbytes(4, 4096, 2, GROUP) < level_nbytes(8, 4096, 2, GROUP) < level_nbytes(EXACT, 4096, 2, GROUP)
+    # the expected round-to-nearest error quarters... per extra bit: (2**b - 1)**-2
+    e8, e4, e2 = (expected_sq_error(1.0, GROUP, b) for b in (8, 4, 2))
+    assert e8 < e4 < e2 and expected_sq_error(1.0, GROUP, EXACT) == 0.0
+    assert abs(e2 / e4 - (15 / 3) ** 2) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "op, modules, shape, index, expected",
+    [
+        ("scaled_dot_product_attention", ("LlamaAttention",), (2, 4, 32, 16), 0, "attention_qk"),
+        ("scaled_dot_product_attention", ("LlamaAttention",), (2, 4, 32, 16), 1, "attention_qk"),
+        ("scaled_dot_product_attention", ("LlamaAttention",), (2, 4, 32, 16), 2, "attention"),
+        ("scaled_dot_product_attention", ("LlamaAttention",), (2, 4, 32), 4, "attention"),
+        ("scaled_dot_product_attention", ("LlamaAttention",), (2, 4), 5, "attention_stats"),
+        ("scaled_dot_product_attention", (), (8, 32, 32), 3, "softmax"),
+        ("softmax", ("BertSelfAttention",), (2, 4, 32, 32), 0, "softmax"),
+        ("matmul", ("GPT2Attention",), (2, 4, 32, 16), 0, "attention_qk"),
+        ("cross_entropy", (), (64, 128), 0, "loss"),
+        ("linear", ("LlamaMLP", "Linear"), (64, 128), 0, "linear_input"),
+        ("conv2d", ("Conv2d",), (8, 3, 16, 16), 0, "conv_input"),
+        ("layer_norm", ("LayerNorm",), (64, 128), 0, "norm"),
+        ("mul", ("LlamaRMSNorm",), (64, 128), 0, "norm"),
+        ("silu", ("LlamaMLP",), (64, 128), 0, "elementwise"),
+    ],
+)
+def test_classify(op, modules, shape, index, expected):
+    assert classify(op, modules, torch.empty(shape), index) == expected
