@@ -9,6 +9,7 @@ groups of (RMS error / group range); bias = mean error / mean |x|.
 import json, sys, torch
 from ciuic_kernels import quant, QuantSpec
 g = torch.Generator().manual_seed(0)
+torch.manual_seed(0)  # StudentT samples from the global generator
 n = 1 << 20
 data = {
  "normal": torch.randn(n, generator=g),
