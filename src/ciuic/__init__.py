@@ -160,6 +160,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "MODES",
+    "MemoryReport",
+    "memory_report",
+    "optim",
     "SUPPORTED_MODEL_TYPES",
     "apply_lean_lm_head",
     "linear_cross_entropy",

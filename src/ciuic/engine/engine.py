@@ -30,7 +30,7 @@ from .tracking import (OpTracker, claim_module_hooks, compiling, note_saved, par
                        unclaim_module_hooks)
 
 _RECOMPUTE_CLASSES = ("elementwise", "linear_input", "conv_input", "norm")
-_MASK = BitmaskSpec()
+_MASK = BitmaskSpec(check=False)  # bool, or a float mask verified two-valued once per site
 
 
 def planner_for(config: CompressionConfig) -> Planner:
