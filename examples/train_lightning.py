@@ -4,6 +4,7 @@
     python examples/train_lightning.py                       # strategy="ciuic" (4:1)
     python examples/train_lightning.py --strategy ciuic_8:1  # or ciuic_lossless, ciuic_2:1, auto (no ciuic)
     python examples/train_lightning.py --strategy ciuic_ddp --devices 2
+    python examples/train_lightning.py --optimizer adamw8bit --fuse-update  # 8-bit AdamW, update in backward
 """
 
 from __future__ import annotations
@@ -42,7 +43,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--optimizer", default=None, help="adamw8bit or adamw4bit (with --strategy ciuic)")
+    parser.add_argument("--fuse-update", action="store_true", help="update each parameter inside backward")
     args = parser.parse_args()
+    if args.optimizer or args.fuse_update:
+        from ciuic_integrations.lightning import CiuicStrategy
+
+        if args.strategy != "ciuic":
+            parser.error("--optimizer/--fuse-update go with --strategy ciuic")
+        args.strategy = CiuicStrategy(optimizer=args.optimizer, fuse_update=args.fuse_update)
 
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(ByteDataset(args.seq_len), batch_size=args.batch_size, shuffle=True)
