@@ -31,25 +31,8 @@ MODES = ["lossless", "2:1", "4:1", "8:1"]
 COSINE_MIN = {"2:1": 0.995, "4:1": 0.98, "8:1": 0.9}
 
 
-def _force_off() -> None:
-    ciuic.disable_compression()
-    from ciuic.engine import _state
-
-    engines = _state().engines
-    while engines:
-        engines[-1].__exit__(None, None, None)
-
-
-@pytest.fixture(autouse=True)
-def _clean_state():
-    _force_off()
-    ciuic.reset_stats()
-    yield
-    _force_off()
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
+# the same clean slate as the engine's functional tests: compression off, fresh counters
+from test_engine import _clean_state, _cosine  # noqa: E402,F401  (an autouse fixture and a helper)
 
 
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
