@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--small", action="store_true",
+                        help="the small config of tests/test_optim.py (hidden 64, intermediate 128, 2 layers, 2 heads, "
+                             "batch 8 x 64, 8 eval batches) instead of the benchmark model")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 is much faster than 2 on a loaded 2-core machine)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "optimizer_parity"))
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f).get(key, {})
-        if old.get("steps") == args.steps and old.get("lr") == args.lr and old.get("seed") == args.seed:
+        if (old.get("steps"), old.get("lr"), old.get("seed"), old.get("small", False)) == (
+                args.steps, args.lr, args.seed, args.small):
             previous = old.get("runs", {})
     runs = dict(previous)
 
@@ -129,8 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
 
         try:
+            size = (dict(batch=8, seq=64, eval_batches=8, model_kwargs=dict(hidden=64, intermediate=128, layers=2,
+                                                                              heads=2)) if args.small else {})
             result = train_charlm(None, steps=args.steps, dtype=dtype, seed=args.seed, data=data, lr=args.lr,
-                                  progress=progress, optimizer=build, bf16_weights=bf16_weights)
+                                  progress=progress, optimizer=build, bf16_weights=bf16_weights, **size)
         except Exception as error:  # a third-party optimizer that does not run here
             print(f"{name}: failed ({type(error).__name__}: {error})", flush=True)
             runs[name] = {"label": label, "skipped": f"failed: {type(error).__name__}: {str(error)[:300]}"}
@@ -158,7 +164,7 @@ def _write(path: str, key: str, runs: dict, args: argparse.Namespace, argv) -> d
         "ciuic": ciuic.__version__, "git": git_revision(), "python": sys.version.split()[0],
         "steps": args.steps, "seed": args.seed, "lr": args.lr, "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/optimizer_parity.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "threads": torch.get_num_threads(), "libraries": _versions(), "summary": summary, "runs": runs,
+        "small": args.small, "threads": torch.get_num_threads(), "libraries": _versions(), "summary": summary, "runs": runs,
     }
     write_json(path, key, report)
     _plot(runs, args.out + ".png", args)
@@ -244,7 +250,8 @@ def _plot(runs: dict, path: str, args: argparse.Namespace) -> None:
         ax.plot(xs, smooth.tolist(), label=f"{run['label']} (eval {run['eval_loss']:.3f})", linewidth=1.1)
     for ax, title in zip(axes, ("fp32 weights", "bf16 autocast / bf16 weights")):
         ax.set_xlabel("step")
-        ax.set_title(f"char-level LLaMA, {title}, {args.steps} steps, lr {args.lr:g}")
+        ax.set_title(f"char-level LLaMA{' (small)' if args.small else ''}, {title}, {args.steps} steps, lr {args.lr:g}",
+                     fontsize=9)
         ax.legend(fontsize=7)
     axes[0].set_ylabel(f"train loss ({window}-step mean)")
     fig.tight_layout()

@@ -109,6 +109,10 @@ class AdamW(torch.optim.Optimizer):
         self._param_index: dict[torch.Tensor, int] | None = None
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict) -> None:  # unpickling skips __init__
+        super().__setstate__(state)
+        self._param_index = None
+
     # -- groups ------------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
