@@ -201,7 +201,7 @@ def _run(model: torch.nn.Module, backend: str, mode: str | None, batches: list, 
             loss = fn(x)
         if measure:
             out["heap"] = heap_bytes() - before
-            out["plan"] = cc.decisions()[-1] if mode else None
+            out["plan"] = cc.decisions()[-1] if mode and mode != "lossless" else {}  # lossless: no hooks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if i == 0:

@@ -37,7 +37,9 @@ convolution, a norm's input, or anything else (``elementwise``). Kept exact: per
 joint solver (``policy.solve``) run once per compiled graph over all its saved tensors, with the
 same class floors and weights but without data (each group is assumed to have the same range: at
 compile time only shapes and dtypes exist): ``"2:1"`` / ``"4:1"`` / ``"8:1"`` set the byte budget
-(bytes the graph saves / ratio), ``"lossless"`` quantizes nothing (bool masks still go to 1 bit).
+(bytes the graph saves / ratio). ``"lossless"`` installs no inline hooks at all: compiled
+graphs run exactly as without ciuic (bit-identical), and ``eager_hooks``, if given, are pushed as
+ordinary hooks (torch then treats compiled regions as it does for any Python hooks).
 
 **Filtering mode.** ``inline`` sets torch's ``saved_tensors_hooks_filtering_mode`` to
 ``"no_static"`` while it is active (``FILTERING_MODE``): torch calls the pack hook for every saved
@@ -614,7 +616,8 @@ def inline(mode: str = "4:1", *, min_numel: int = 4096, group_size: int | None =
            ) -> Iterator[InlineOptions]:
     """Compress what compiled regions save for backward, inside their graphs, in this block.
 
-    ``mode``: ``"lossless"``, ``"2:1"``, ``"4:1"``, ``"8:1"``. ``eager_hooks``: a ``(pack, unpack)``
+    ``mode``: ``"lossless"`` (no inline hooks: compiled graphs stay exactly as they are),
+    ``"2:1"``, ``"4:1"``, ``"8:1"``. ``eager_hooks``: a ``(pack, unpack)``
     pair for tensors saved by code that runs eagerly inside the block (graph breaks, uncompiled
     parts); without it they are kept as they are. Backward may run after the block exits.
     Yields the validated ``InlineOptions``.
@@ -622,6 +625,13 @@ def inline(mode: str = "4:1", *, min_numel: int = 4096, group_size: int | None =
     opts = InlineOptions(mode=mode, min_numel=min_numel, group_size=group_size)
     if eager_hooks is not None and (len(eager_hooks) != 2 or not all(callable(h) for h in eager_hooks)):
         raise ValueError(f"eager_hooks={eager_hooks!r} is not valid; allowed: None or a (pack, unpack) pair of callables")
+    if opts.mode == "lossless":
+        # Compiled graphs are left exactly as torch makes them (hooks that return their input
+        # unchanged still rename and reorder graph nodes, and Inductor may then fuse differently).
+        with (torch.autograd.graph.saved_tensors_hooks(*eager_hooks) if eager_hooks is not None
+              else contextlib.nullcontext()):
+            yield opts
+        return
     pack_gm, unpack_gm = _hook_modules(opts)
     previous = getattr(_local, "eager", None)
     _local.eager = eager_hooks
