@@ -235,12 +235,16 @@ def _plot(runs: dict, path: str, args: argparse.Namespace) -> None:
     except ImportError:
         print("matplotlib not installed: no plot (pip install ciuic[dev])")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    panels = [d for d in ("fp32", "bf16") if any(r.get("dtype") == d and "train_losses" in r for r in runs.values())]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), sharey=True, squeeze=False)
+    axes = list(axes[0])
     window = 10
     for name, run in runs.items():
         if "train_losses" not in run:
             continue
-        ax = axes[1] if run["dtype"] == "bf16" else axes[0]
+        ax = axes[panels.index(run["dtype"])]
         losses = torch.tensor(run["train_losses"])
         if len(losses) >= window:
             smooth = losses.unfold(0, window, 1).mean(1)
@@ -248,7 +252,8 @@ def _plot(runs: dict, path: str, args: argparse.Namespace) -> None:
         else:
             smooth, xs = losses, range(len(losses))
         ax.plot(xs, smooth.tolist(), label=f"{run['label']} (eval {run['eval_loss']:.3f})", linewidth=1.1)
-    for ax, title in zip(axes, ("fp32 weights", "bf16 autocast / bf16 weights")):
+    titles = {"fp32": "fp32 weights", "bf16": "bf16 autocast / bf16 weights"}
+    for ax, title in zip(axes, (titles[p] for p in panels)):
         ax.set_xlabel("step")
         ax.set_title(f"char-level LLaMA{' (small)' if args.small else ''}, {title}, {args.steps} steps, lr {args.lr:g}",
                      fontsize=9)

@@ -5,6 +5,8 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU
 
+import zlib
+
 import pytest
 import torch
 
@@ -125,7 +127,7 @@ def _run(backend, p, grad, state, bits, block, stochastic, step=3):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", [(1,), (7,), (3, 41, 23)], ids=["(1,)", "(7,)", "(3,41,23)"])
 def test_triton_kernel_equals_reference_bitwise(bits, block, dtype, shape):
-    g = torch.Generator().manual_seed(hash((bits, dtype, shape)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((bits, dtype, shape)).encode()))  # same in every process
     n = torch.Size(shape).numel()
     p = torch.randn(shape, generator=g).to(DTYPES[dtype])
     grad = (torch.randn(shape, generator=g) * 3).to(DTYPES[dtype])
