@@ -147,6 +147,9 @@ def run_config(name: str, args) -> dict:
     from ciuic.memory import SavedTensorMeter
     from ciuic.optim import AdamW, fuse_into_backward, state_nbytes
 
+    import ciuic_integrations._hf_lm_head  # noqa: F401  (what compression(model=...) imports)
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the pre-model readings)
+
     torch.set_num_threads(args.threads)
     train, held_out = byte_splits(2_000_000)
     generator = torch.Generator().manual_seed(1)
@@ -443,6 +446,7 @@ def main() -> None:
     parser.add_argument("--merge-only", action="store_true",
                         help="add the stored framework rows to the stored report, run nothing")
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--framework-runs", default=",".join(FRAMEWORK_RUNS), help="with --frameworks-only")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--framework", choices=FRAMEWORK_RUNS, help=argparse.SUPPRESS)
@@ -473,7 +477,7 @@ def main() -> None:
         print(markdown(previous))
         return
     if args.frameworks_only:
-        frameworks = {name: _child("framework", name, args, argv) for name in FRAMEWORK_RUNS}
+        frameworks = {name: _child("framework", name, args, argv) for name in args.framework_runs.split(",")}
         write_json(side_path, result_key("cpu"), {
             **shape, "frameworks": frameworks, "date": time.strftime("%Y-%m-%d"), "git_revision": git_revision(),
             "command": "python benchmarks/end_to_end_memory.py " + " ".join(sys.argv[1:])})
