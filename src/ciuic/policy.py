@@ -38,6 +38,10 @@ CLASS_LEVELS: dict[str, tuple[int, ...]] = {
     "conv_input": (EXACT, 8, 4, 2),
     "norm": (EXACT, 8, 4, 2),
     "elementwise": (EXACT, 8, 4, 2),
+    # saved outside any torch function ciuic saw: a compiled region's saves (at the boundary of the
+    # compiled function) or a custom autograd.Function's ctx.save_for_backward. What it is cannot
+    # be known, so it is treated like attention: 8 bits, 4 as a last resort.
+    "unknown": (EXACT, 8, 4),
 }
 
 # Relative weight of a unit of squared error, per class (elementwise tensors feed derivatives of
@@ -53,6 +57,7 @@ CLASS_WEIGHTS: dict[str, float] = {
     "conv_input": 1.0,
     "norm": 1.5,
     "elementwise": 3.0,
+    "unknown": 8.0,
 }
 
 # 2-bit errors compound across tensors in ways a per-tensor error model does not see (research:
@@ -79,6 +84,8 @@ _NORM_OPS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_nor
 def classify(op: str, module_classes: tuple[str, ...], t: torch.Tensor, index: int = -1) -> str:
     """The class of a saved floating tensor, from the op saving it, the enclosing modules and its
     position among the tensors that op saves (``index``; SDPA saves q and k first)."""
+    if not op:
+        return "unknown"
     in_attention = any("attention" in c.lower() or c.lower().endswith("attn") for c in module_classes[-2:])
     if op in _ATTENTION_OPS:
         # Fused kernels save q, k, v, out (4-d) and the logsumexp; the math path (CPU with
