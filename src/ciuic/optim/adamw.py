@@ -359,6 +359,10 @@ def state_nbytes(optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimiz
             if key in seen:
                 return 0
             seen.add(key)
+            if hasattr(value, "__tensor_flatten__") and type(value) is not torch.Tensor:
+                # a tensor subclass (torchao's quantized states): the bytes are its inner tensors'
+                names, _ = value.__tensor_flatten__()
+                return sum(count(getattr(value, name)) for name in names)
             return value.numel() * value.element_size()
         if isinstance(value, dict):
             return sum(count(v) for v in value.values())
