@@ -578,3 +578,27 @@ def test_compiled_model_runs_under_every_mode_without_graph_breaks():
             assert _cosine(grad_ref, grad) >= 0.99 and stats.ratio >= 3.5, stats.ratio
             # what a compiled region saves is of unknown origin: never below 4 bits
             assert "int2" not in stats.by_codec and "unknown" in stats.by_class
+
+
+def test_a_repacked_tensor_moves_in_every_table():
+    """A pack re-encoded finer (saved again by a more sensitive op) changes its codec and size: the
+    per-module, per-codec and per-class rows must keep adding up to the totals, live bytes included."""
+    from ciuic.engine.stats import charge as charge_stats
+
+    class Handle:
+        pass
+
+    a, b = Handle(), Handle()
+    charge_stats(a, "mlp", "int2", "linear_input", 4000, 300)
+    charge = charge_stats(b, "mlp", "int4", "linear_input", 4000, 600)
+    charge.repack(1100, "int8")
+    s = ciuic.stats()
+    assert (s.bytes_before, s.bytes_after, s.live_after) == (8000, 1400, 1400)
+    for table in (s.by_module, s.by_codec, s.by_class, s.by_module_codec["mlp"]):
+        assert sum(r.after for r in table.values()) == s.bytes_after
+        assert sum(r.before for r in table.values()) == s.bytes_before
+        assert sum(r.tensors for r in table.values()) == s.tensors_packed
+    assert set(s.by_codec) == {"int2", "int8"} and s.by_codec["int8"].after == 1100
+    del a, b
+    s = ciuic.stats()
+    assert (s.live_before, s.live_after) == (0, 0)

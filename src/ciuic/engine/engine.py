@@ -315,9 +315,8 @@ class Engine:
         with torch.no_grad():
             new = ciuic_kernels.encode(source(t.detach(), view), QuantSpec(
                 finer[-1], self.config.group_size, self.config.rounding), seed=self.planner.seed())
-        delta = new.nbytes - pack.packed.nbytes
         pack.packed, pack.level = new, finer[-1]
-        pack.charge.grow(delta)
+        pack.charge.repack(new.nbytes, f"int{finer[-1]}")
 
     # -- recompute recipes ---------------------------------------------------------------------
     def _note_recipe(self, func: Any, args: tuple, kwargs: dict, result: torch.Tensor) -> None:

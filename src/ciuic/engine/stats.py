@@ -121,24 +121,39 @@ def reset_stats() -> None:
 class Charge:
     """What one handle was charged: released (against the same counters) when the handle dies."""
 
-    __slots__ = ("counters", "before", "after")
+    __slots__ = ("counters", "before", "after", "module", "codec", "cls")
 
-    def __init__(self, counters: CompressionStats, before: int, after: int) -> None:
+    def __init__(self, counters: CompressionStats, before: int, after: int, module: str, codec: str,
+                 cls: str) -> None:
         self.counters, self.before, self.after = counters, before, after
+        self.module, self.codec, self.cls = module, codec, cls
 
     def release(self) -> None:
         with _lock:
             self.counters.live_before -= self.before
             self.counters.live_after -= self.after
 
-    def grow(self, delta: int) -> None:
-        """The handle was re-packed ``delta`` bytes larger (or smaller)."""
+    def repack(self, after: int, codec: str) -> None:
+        """The handle was re-encoded (finer) into ``after`` bytes with ``codec``: every table
+        moves with it, so the rows keep adding up to the totals."""
         with _lock:
             c = self.counters
+            delta = after - self.after
             c.bytes_after += delta
             c.live_after += delta
             c.peak_live_after = max(c.peak_live_after, c.live_after)
-            self.after += delta
+            c.by_module[self.module].after += delta
+            c.by_class[self.cls].after += delta
+            for table, old, new in ((c.by_codec, self.codec, codec),
+                                    (c.by_module_codec[self.module], self.codec, codec)):
+                row = table[old]
+                row.tensors -= 1
+                row.before -= self.before
+                row.after -= self.after
+                if not row.tensors:
+                    del table[old]
+                table.setdefault(new, ByteCount()).add(self.before, after)
+            self.after, self.codec = after, codec
 
 
 def charge(handle: Any, module: str, codec: str, cls: str, before: int, after: int) -> Charge:
@@ -157,7 +172,7 @@ def charge(handle: Any, module: str, codec: str, cls: str, before: int, after: i
         st.by_codec.setdefault(codec, ByteCount()).add(before, after)
         st.by_class.setdefault(cls, ByteCount()).add(before, after)
         st.by_module_codec.setdefault(module, {}).setdefault(codec, ByteCount()).add(before, after)
-        result = Charge(st, before, after)
+        result = Charge(st, before, after, module, codec, cls)
     try:
         weakref.finalize(handle, result.release)
     except TypeError:  # not weak-referenceable: nothing holds it, it is released now
