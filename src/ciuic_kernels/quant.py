@@ -173,8 +173,10 @@ def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Pack
     # min, max and non-finite flag do not change; padded codes are zeroed below.
     xg = (torch.cat([xf, xf[-1:].expand(pad)]) if pad else xf).view(num_groups, group)
     finite = torch.isfinite(xg)
-    mn = xg.masked_fill(~finite, float("inf")).amin(1)
-    mx = xg.masked_fill(~finite, float("-inf")).amax(1)
+    # min/max over the finite values: one nan_to_num pass each sends NaN/Inf out of the reduction
+    inf = float("inf")
+    mn = torch.nan_to_num(xg, nan=inf, posinf=inf, neginf=inf).amin(1)
+    mx = torch.nan_to_num(xg, nan=-inf, posinf=-inf, neginf=-inf).amax(1)
     has_finite = mn <= mx
     mn = torch.where(has_finite, mn, 0.0)
     mx = torch.where(has_finite, mx, 0.0)
@@ -187,9 +189,9 @@ def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Pack
     step_bits = _step_bits_reference(raw)
     s = step_bits.view(torch.float32)
 
-    # NaN -> qmax, +Inf -> qmax - 1, -Inf -> qmax - 2 (only where not finite)
-    special = torch.where(torch.isnan(xg), qmax, torch.where(xg > 0, qmax - 1, qmax - 2)).to(torch.float32)
-    xg = torch.where(finite, xg, mn_b[:, None])  # keep NaN/Inf out of the arithmetic
+    # NaN -> qmax, +Inf -> qmax - 1, -Inf -> qmax - 2 (only read where not finite), in one pass
+    special = torch.nan_to_num(xg, nan=float(qmax), posinf=float(qmax - 1), neginf=float(qmax - 2))
+    # NaN/Inf run through the arithmetic below and are replaced by their codes at the end.
     # In place after the first op: fresh multi-MB buffers cost page faults on CPU.
     y = torch.sub(xg, mn_b[:, None]).div_(s[:, None])
     if spec.rounding == "stochastic":
