@@ -106,8 +106,10 @@ def _note_write(watched: dict, a: torch.Tensor) -> None:
     """An op wrote to ``a`` in place: every tensor saved from its storage before the write is
     stale (autograd would raise when backward needs it). Seen here, the write is caught even when
     the tensor object is gone by the time backward runs."""
-    storage = a.untyped_storage()
-    address = storage.data_ptr()
+    try:
+        address = a.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse, nested or wrapper tensors have no storage
+        return
     holders = watched.get(address)
     if not holders:
         return
@@ -137,7 +139,10 @@ def _reanchor(saved: list, result: Any) -> None:
     by_storage = {}
     for out in outputs:
         base = out._base if out._base is not None else out
-        by_storage.setdefault(base.untyped_storage().data_ptr(), base)
+        try:
+            by_storage.setdefault(base.untyped_storage().data_ptr(), base)
+        except (RuntimeError, NotImplementedError):  # no storage (sparse, nested, wrapper)
+            continue
     for holder, address in saved:
         if holder.anchor() is None:
             owner = by_storage.get(address)
