@@ -7,7 +7,6 @@ transformers configs with random weights (nothing is downloaded). Batches come f
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass, field

@@ -41,7 +41,6 @@ several processes, and ``accelerator.clip_grad_norm_`` then raises too. The laun
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
