@@ -143,8 +143,11 @@ def _reanchor(saved: list, result: Any) -> None:
             by_storage.setdefault(base.untyped_storage().data_ptr(), base)
         except (RuntimeError, NotImplementedError):  # no storage (sparse, nested, wrapper)
             continue
-    for holder, address in saved:
-        if holder.anchor() is None:
+    for holder, address, storage in saved:
+        # A composite op (MultiheadAttention's forward, a custom Function) saves temporaries that
+        # die before it returns, and its output may reuse a dead temporary's address: only the
+        # very storage that was saved, still alive, is re-anchored.
+        if holder.anchor() is None and not storage.expired():
             owner = by_storage.get(address)
             if owner is not None:
                 holder.anchor = weakref.ref(owner)
@@ -154,12 +157,15 @@ def note_saved(holder: Any, t: torch.Tensor) -> None:
     """``holder`` (anything with an ``anchor`` weak reference) was made for saved tensor ``t``
     while an op runs: re-anchored on the op's output when ``t`` is an alias of it."""
     st = state()
-    address = t.untyped_storage().data_ptr()
+    storage = t.untyped_storage()
+    address = storage.data_ptr()
+    ref = None
     if st.op:
-        st.op_saved.append((holder, address))
+        ref = StorageWeakRef(storage)
+        st.op_saved.append((holder, address, ref))
     if hasattr(holder, "written") and st.engines:
         st.engines[-1].planner.current.watched.setdefault(address, []).append(
-            (weakref.ref(holder), StorageWeakRef(t.untyped_storage())))
+            (weakref.ref(holder), ref or StorageWeakRef(storage)))
 
 
 def _note_copy(st: Any, a: torch.Tensor, result: torch.Tensor) -> None:
