@@ -56,8 +56,11 @@ from ._rng import seed_keys, uniform_reference
 STATE_BITS = (32, 8, 4)
 BLOCK_SIZES = (64, 128, 256, 512)
 DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
-# Elements per program when the moments are plain fp32 (no quantization blocks).
-_FP32_TILE = 1024
+# Elements per program (ROWS quantization blocks, or one row at 32 bits) on _NUM_WARPS warps: 16 per
+# thread, so a thread's share moves in 128-bit accesses (fp32/bf16 parameter, gradient and moments,
+# 8-bit codes) or 64-bit ones (4-bit codes).
+_TILE = 2048
+_NUM_WARPS = 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,16 +349,30 @@ if triton_available():
         return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _load_moment(codes_ptr, block_scale, qmap_ptr, offsets, byte, half, mask, BITS: tl.constexpr):
-        """Dequantized fp32 moment of ``offsets`` (0 where masked). ``byte`` holds both nibbles at 4 bits."""
+    def _lookup(table, codes):
+        """``table[codes]`` for a [ROWS, BLOCK] int32 ``codes`` and a 1-D ``table`` held by the program
+        (a gather through shared memory, not a global load per element)."""
+        flat = tl.reshape(codes, (codes.shape[0] * codes.shape[1],))
+        return tl.reshape(tl.gather(table, flat, 0), codes.shape)
+
+    @triton.jit
+    def _load_moment(codes_ptr, scale_ptr, map_ptr, rows, offsets, mask, n, n_code_bytes, BITS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+        """Dequantized fp32 moment of the [ROWS, BLOCK] tile ``offsets`` (0 where masked)."""
         if BITS == 32:
             x = tl.load(codes_ptr + offsets, mask=mask, other=0.0)
-        elif BITS == 8:
-            code = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-            x = tl.load(qmap_ptr + code) * block_scale
         else:
-            code = (byte >> (4 * half)) & 15
-            x = tl.load(qmap_ptr + code) * block_scale
+            scale = tl.load(scale_ptr + rows, mask=rows * BLOCK < n, other=0.0)
+            table = tl.load(map_ptr + tl.arange(0, 1 << BITS))
+            if BITS == 8:
+                code = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+            else:  # byte j holds element 2j (low nibble) and 2j + 1 (high): tl.join stacks them in-thread
+                HALF: tl.constexpr = BLOCK // 2
+                byte_index = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+                byte = tl.load(codes_ptr + byte_index, mask=byte_index < n_code_bytes, other=0)
+                byte = byte.to(tl.int32)
+                code = tl.reshape(tl.join(byte & 15, byte >> 4), (rows.shape[0], BLOCK))
+            x = _lookup(table, code) * scale[:, None]
         return tl.where(mask, x, 0.0)
 
     @triton.jit
@@ -368,14 +385,34 @@ if triton_available():
         return p, m, v
 
     @triton.jit
-    def _encode(x, safe_scale, mids_ptr, BITS: tl.constexpr):
-        """Nearest map code of ``x / scale`` (ties down): #{k: mid[k] < y}, by branchless binary search."""
+    def _encode(x, safe_scale, mids, BITS: tl.constexpr):
+        """Nearest map code of ``x / scale`` (ties down): #{k: mid[k] < y}, by branchless binary search
+        over the midpoints ``mids`` (a 1-D tensor the program holds)."""
         finite = tl.abs(x) < float("inf")
-        y = tl.where(finite, tl.math.div_rn(x, safe_scale + tl.zeros_like(x)), 0.0)
+        y = tl.where(finite, tl.math.div_rn(x, safe_scale[:, None] + tl.zeros_like(x)), 0.0)
         pos = tl.zeros(x.shape, dtype=tl.int32)
         for i in tl.static_range(BITS):
-            pos = tl.where(tl.load(mids_ptr + pos + ((1 << (BITS - 1 - i)) - 1)) < y, pos + (1 << (BITS - 1 - i)), pos)
+            pos = tl.where(_lookup(mids, pos + ((1 << (BITS - 1 - i)) - 1)) < y, pos + (1 << (BITS - 1 - i)), pos)
         return pos
+
+    @triton.jit
+    def _store_moment(codes_ptr, scale_ptr, mids_ptr, x, rows, offsets, mask, n, n_code_bytes, BITS: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """Quantize the [ROWS, BLOCK] tile ``x`` (masked elements are 0): per-row absmax scale, codes."""
+        if BITS == 32:
+            tl.store(codes_ptr + offsets, x, mask=mask)
+        else:
+            absmax = tl.max(tl.where(tl.abs(x) < float("inf"), tl.abs(x), 0.0), axis=1)
+            tl.store(scale_ptr + rows, absmax, mask=rows * BLOCK < n)
+            mids = tl.load(mids_ptr + tl.arange(0, 1 << BITS))
+            code = _encode(x, tl.where(absmax > 0, absmax, 1.0), mids, BITS)
+            if BITS == 8:
+                tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=mask)
+            else:  # tl.split keeps each pair in one thread, so the packed bytes stay contiguous per thread
+                HALF: tl.constexpr = BLOCK // 2
+                low, high = tl.split(tl.reshape(code, (rows.shape[0], HALF, 2)))
+                byte_index = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+                tl.store(codes_ptr + byte_index, (low | (high << 4)).to(tl.uint8), mask=byte_index < n_code_bytes)
 
     @triton.jit
     def _store_param(p_ptr, offsets, mask, p, k1, k2, P_BF16: tl.constexpr, STOCHASTIC: tl.constexpr):
@@ -395,81 +432,35 @@ if triton_available():
     def _adamw_kernel(
         p_ptr, g_ptr, m_ptr, m_scale_ptr, v_ptr, v_scale_ptr,
         m_map_ptr, m_mids_ptr, v_map_ptr, v_mids_ptr,
-        n, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps, k1, k2,
-        BITS: tl.constexpr, BLOCK: tl.constexpr, P_BF16: tl.constexpr, G_BF16: tl.constexpr,
-        STOCHASTIC: tl.constexpr,
+        n, n_code_bytes, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps, k1, k2,
+        BITS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, P_BF16: tl.constexpr,
+        G_BF16: tl.constexpr, STOCHASTIC: tl.constexpr,
     ):  # fmt: skip
-        """One program = one quantization block of BLOCK elements (a tile of BLOCK at ``BITS=32``),
-        processed as its even and odd elements so a 4-bit byte holds one of each."""
-        HALF: tl.constexpr = BLOCK // 2
-        block = tl.program_id(0).to(tl.int64)
-        j = tl.arange(0, HALF)
-        e0 = block * BLOCK + 2 * j
-        e1 = e0 + 1
-        in0 = e0 < n
-        in1 = e1 < n
-        p0 = _load_fp32(p_ptr, e0, in0, P_BF16)
-        p1 = _load_fp32(p_ptr, e1, in1, P_BF16)
-        g0 = _load_fp32(g_ptr, e0, in0, G_BF16)
-        g1 = _load_fp32(g_ptr, e1, in1, G_BF16)
-        if BITS == 32:
-            m_scale = 1.0
-            v_scale = 1.0
-            m_byte = j
-            v_byte = j
-        else:
-            m_scale = tl.load(m_scale_ptr + block)
-            v_scale = tl.load(v_scale_ptr + block)
-            if BITS == 4:
-                m_byte = tl.load(m_ptr + block * HALF + j, mask=in0, other=0).to(tl.int32)
-                v_byte = tl.load(v_ptr + block * HALF + j, mask=in0, other=0).to(tl.int32)
-            else:
-                m_byte = j
-                v_byte = j
-        m0 = _load_moment(m_ptr, m_scale, m_map_ptr, e0, m_byte, 0, in0, BITS)
-        m1 = _load_moment(m_ptr, m_scale, m_map_ptr, e1, m_byte, 1, in1, BITS)
-        v0 = _load_moment(v_ptr, v_scale, v_map_ptr, e0, v_byte, 0, in0, BITS)
-        v1 = _load_moment(v_ptr, v_scale, v_map_ptr, e1, v_byte, 1, in1, BITS)
-        p0, m0, v0 = _adam_math_triton(p0, g0, m0, v0, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
-                                       bc2_sqrt, eps)
-        p1, m1, v1 = _adam_math_triton(p1, g1, m1, v1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
-                                       bc2_sqrt, eps)
-        _store_param(p_ptr, e0, in0, p0, k1, k2, P_BF16, STOCHASTIC)
-        _store_param(p_ptr, e1, in1, p1, k1, k2, P_BF16, STOCHASTIC)
-        if BITS == 32:
-            tl.store(m_ptr + e0, m0, mask=in0)
-            tl.store(m_ptr + e1, m1, mask=in1)
-            tl.store(v_ptr + e0, v0, mask=in0)
-            tl.store(v_ptr + e1, v1, mask=in1)
-        else:
-            m0 = tl.where(in0, m0, 0.0)
-            m1 = tl.where(in1, m1, 0.0)
-            v0 = tl.where(in0, v0, 0.0)
-            v1 = tl.where(in1, v1, 0.0)
-            m_abs = tl.maximum(tl.max(tl.where(tl.abs(m0) < float("inf"), tl.abs(m0), 0.0), axis=0),
-                               tl.max(tl.where(tl.abs(m1) < float("inf"), tl.abs(m1), 0.0), axis=0))
-            v_abs = tl.maximum(tl.max(tl.where(tl.abs(v0) < float("inf"), tl.abs(v0), 0.0), axis=0),
-                               tl.max(tl.where(tl.abs(v1) < float("inf"), tl.abs(v1), 0.0), axis=0))
-            tl.store(m_scale_ptr + block, m_abs)
-            tl.store(v_scale_ptr + block, v_abs)
-            m_safe = tl.where(m_abs > 0, m_abs, 1.0)
-            v_safe = tl.where(v_abs > 0, v_abs, 1.0)
-            cm0 = _encode(m0, m_safe, m_mids_ptr, BITS)
-            cm1 = _encode(m1, m_safe, m_mids_ptr, BITS)
-            cv0 = _encode(v0, v_safe, v_mids_ptr, BITS)
-            cv1 = _encode(v1, v_safe, v_mids_ptr, BITS)
-            if BITS == 4:
-                tl.store(m_ptr + block * HALF + j, (cm0 | (cm1 << 4)).to(tl.uint8), mask=in0)
-                tl.store(v_ptr + block * HALF + j, (cv0 | (cv1 << 4)).to(tl.uint8), mask=in0)
-            else:
-                tl.store(m_ptr + e0, cm0.to(tl.uint8), mask=in0)
-                tl.store(m_ptr + e1, cm1.to(tl.uint8), mask=in1)
-                tl.store(v_ptr + e0, cv0.to(tl.uint8), mask=in0)
-                tl.store(v_ptr + e1, cv1.to(tl.uint8), mask=in1)
+        """One program = a [ROWS, BLOCK] tile: ROWS quantization blocks of BLOCK contiguous elements
+        (at ``BITS=32`` just a tile). Each thread holds contiguous runs of a row, so the parameter,
+        gradient, moments and codes move in 64/128-bit accesses; the maps are loaded once per
+        program and indexed with ``tl.gather``."""
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        offsets = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        mask = offsets < n
+        p = _load_fp32(p_ptr, offsets, mask, P_BF16)
+        g = _load_fp32(g_ptr, offsets, mask, G_BF16)
+        m = _load_moment(m_ptr, m_scale_ptr, m_map_ptr, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
+        v = _load_moment(v_ptr, v_scale_ptr, v_map_ptr, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
+        p, m, v = _adam_math_triton(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
+                                    bc2_sqrt, eps)
+        _store_param(p_ptr, offsets, mask, p, k1, k2, P_BF16, STOCHASTIC)
+        if BITS != 32:  # elements past n stay out of the block statistics
+            m = tl.where(mask, m, 0.0)
+            v = tl.where(mask, v, 0.0)
+        _store_moment(m_ptr, m_scale_ptr, m_mids_ptr, m, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
+        _store_moment(v_ptr, v_scale_ptr, v_mids_ptr, v, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block >= 256 else 2
+def _launch_shape(bits: int, block_size: int) -> tuple[int, int]:
+    """(BLOCK, ROWS) of a program's [ROWS, BLOCK] tile."""
+    block = _TILE if bits == 32 else block_size
+    return block, _TILE // block
 
 
 def _kernel_dtype(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -493,7 +484,7 @@ def adamw_update_triton(param, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, ex
     target = param if param.is_contiguous() else param.contiguous()
     p_arg, p_bf16 = _kernel_dtype(target.view(-1))
     g_arg, g_bf16 = _kernel_dtype(grad.reshape(-1).contiguous())
-    block = _FP32_TILE if bits == 32 else block_size
+    block, rows = _launch_shape(bits, block_size)
     dev = param.device
     if bits == 32:
         m_map = m_mids = v_map = v_mids = exp_avg  # unused at 32 bits
@@ -503,14 +494,14 @@ def adamw_update_triton(param, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, ex
         v_map, v_mids = quantization_map(False, bits, dev)
         m_scale, v_scale = exp_avg_scale, exp_avg_sq_scale
     k1, k2 = seed_keys(seed)
-    grid = (num_blocks(n, block),)
+    grid = (num_blocks(n, _TILE),)
     _adamw_kernel[grid](
         p_arg, g_arg, exp_avg, m_scale, exp_avg_sq, v_scale, m_map, m_mids, v_map, v_mids,
-        n, s["one_minus_beta1"], s["beta2"], s["one_minus_beta2"], s["decay"], s["step_size"],
-        s["bias_correction2_sqrt"], s["eps"], k1, k2,
-        BITS=bits, BLOCK=block, P_BF16=p_bf16, G_BF16=g_bf16,
+        n, code_bytes(n, bits) if bits == 4 else n, s["one_minus_beta1"], s["beta2"], s["one_minus_beta2"],
+        s["decay"], s["step_size"], s["bias_correction2_sqrt"], s["eps"], k1, k2,
+        BITS=bits, BLOCK=block, ROWS=rows, P_BF16=p_bf16, G_BF16=g_bf16,
         STOCHASTIC=bool(stochastic_round and p_bf16),
-        num_warps=_num_warps(block), enable_fp_fusion=False,
+        num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
     if target is not param:
         param.copy_(target)
@@ -559,28 +550,32 @@ def AOT_CONFIGS() -> list[dict]:
         return []
     configs = []
     for bits in STATE_BITS:
-        blocks = (_FP32_TILE,) if bits == 32 else BLOCK_SIZES
+        blocks = (_TILE,) if bits == 32 else BLOCK_SIZES
         state = "*fp32" if bits == 32 else "*u8"
         scale = "*fp32"
         for block in blocks:
+            _, rows = _launch_shape(bits, block)
             for p_sig, g_sig, p_bf16, g_bf16, stochastic, name in _AOT_DTYPES:
                 signature = {
                     "p_ptr": p_sig, "g_ptr": g_sig, "m_ptr": state, "m_scale_ptr": scale,
                     "v_ptr": state, "v_scale_ptr": scale, "m_map_ptr": "*fp32", "m_mids_ptr": "*fp32",
-                    "v_map_ptr": "*fp32", "v_mids_ptr": "*fp32", "n": "i32",
+                    "v_map_ptr": "*fp32", "v_mids_ptr": "*fp32", "n": "i32", "n_code_bytes": "i32",
                     "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "decay": "fp32",
                     "step_size": "fp32", "bc2_sqrt": "fp32", "eps": "fp32", "k1": "i32", "k2": "i32",
-                    "BITS": "constexpr", "BLOCK": "constexpr", "P_BF16": "constexpr", "G_BF16": "constexpr",
-                    "STOCHASTIC": "constexpr",
+                    "BITS": "constexpr", "BLOCK": "constexpr", "ROWS": "constexpr", "P_BF16": "constexpr",
+                    "G_BF16": "constexpr", "STOCHASTIC": "constexpr",
                 }  # fmt: skip
                 configs.append({
                     "kernel": _adamw_kernel,
                     "signature": signature,
-                    "constexprs": {"BITS": bits, "BLOCK": block, "P_BF16": p_bf16, "G_BF16": g_bf16,
-                                   "STOCHASTIC": stochastic},
+                    "constexprs": {"BITS": bits, "BLOCK": block, "ROWS": rows, "P_BF16": p_bf16,
+                                   "G_BF16": g_bf16, "STOCHASTIC": stochastic},
                     "name": f"adamw_update[bits={bits},block={block},{name}]",
-                    "num_warps": _num_warps(block),
+                    "num_warps": _NUM_WARPS,
                     "enable_fp_fusion": False,
+                    "elements": _TILE,
+                    # the variant a launch gets when numel % 32 == 0 (masks then cover whole 64/128-bit runs)
+                    "divisible": ("n", "n_code_bytes"),
                 })  # fmt: skip
     return configs
 
