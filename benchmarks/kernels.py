@@ -29,6 +29,8 @@ called (directly or not) by one; otherwise the report fails.
     python benchmarks/kernels.py                  # all configs, sm_80 + sm_90: results/kernels_sm{80,90}.json
     python benchmarks/kernels.py --quick          # every constexpr value once, not every combination (CI)
     python benchmarks/kernels.py --markdown       # also print the BENCHMARKS.md table
+    python benchmarks/kernels.py --only optim_state   # recompile one module's kernels, replace its rows
+                                                      # in the saved JSON (recorded under "updates")
 
 Exit status 1 when a kernel fails to compile, spills, has an unvectorised main access, or is not
 covered by ``AOT_CONFIGS``. Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces jit
@@ -290,10 +292,13 @@ def _compile_index(job):
     return compile_one(_CONFIGS[index], arch)
 
 
-def run(targets=TARGETS, quick=False, workers=None, progress=True):
-    """Compile everything; returns (results per target, uncovered kernel names, jit functions found)."""
+def run(targets=TARGETS, quick=False, workers=None, progress=True, only=None):
+    """Compile everything (or the modules named in ``only``); returns (results per target, uncovered
+    kernel names, jit functions found)."""
     global _CONFIGS
     configs, defined, uncovered = discover(quick)
+    if only:
+        configs = [c for c in configs if c["module"].removeprefix("ciuic_kernels.") in only]
     _CONFIGS = configs
     jobs = [(i, arch) for arch in targets for i in range(len(configs))]
     workers = workers or os.cpu_count() or 1
@@ -393,6 +398,8 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md table")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--render", action="store_true", help="print the tables from the saved JSON (no compiling)")
+    parser.add_argument("--only", default="", help="comma-separated modules (e.g. optim_state): compile only "
+                        "their kernels and replace their rows in the saved JSON")
     args = parser.parse_args(argv)
     if args.render:
         reports = {}
@@ -403,21 +410,33 @@ def main(argv=None) -> int:
         return 0
     targets = tuple(int(t) for t in args.targets.split(","))
     start = time.perf_counter()
-    results, uncovered, defined = run(targets, args.quick, args.workers)
+    only = [m for m in args.only.split(",") if m]
+    results, uncovered, defined = run(targets, args.quick, args.workers, only=only)
     import triton
 
     sys.path.insert(0, HERE)
     from _common import git_revision
 
     reports = {}
+    stamp = {"git_revision": git_revision(),
+             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+             "command": "python benchmarks/kernels.py" + (" --quick" if args.quick else "")
+             + (f" --only {','.join(only)}" if only else "")}
     for arch, rows in results.items():
-        reports[arch] = {
-            "target": f"cuda sm_{arch}", "triton": triton.__version__, "git_revision": git_revision(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": "python benchmarks/kernels.py" + (" --quick" if args.quick else ""),
-            "jit_functions": defined, "uncovered": uncovered,
-            "summary": _summary_rows(rows), "pairs": pair_totals(rows), "kernels": rows,
-        }
+        if only:  # the other modules' rows stay as the last full run recorded them
+            with open(os.path.join(args.out_dir or RESULTS, f"kernels_sm{arch}.json")) as f:
+                saved = json.load(f)
+            prefixes = tuple(f"ciuic_kernels.{m}." for m in only)
+            rows = [r for r in saved["kernels"] if not r["kernel"].startswith(prefixes)] + rows
+            reports[arch] = dict(saved, jit_functions=defined, uncovered=uncovered,
+                                 updates=saved.get("updates", []) + [dict(stamp, modules=only)],
+                                 summary=_summary_rows(rows), pairs=pair_totals(rows), kernels=rows)
+        else:
+            reports[arch] = {
+                "target": f"cuda sm_{arch}", "triton": triton.__version__, **stamp,
+                "jit_functions": defined, "uncovered": uncovered,
+                "summary": _summary_rows(rows), "pairs": pair_totals(rows), "kernels": rows,
+            }
         if args.out_dir:
             os.makedirs(args.out_dir, exist_ok=True)
             with open(os.path.join(args.out_dir, f"kernels_sm{arch}.json"), "w") as f:
