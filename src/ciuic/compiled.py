@@ -584,6 +584,18 @@ def _ciuic_inline_unpack(packed: Any) -> torch.Tensor:
     return flat.view(shape).permute(inverse)
 
 
+class _HookModule(torch.fx.GraphModule):
+    """A hook GraphModule that autograd calls without ``nn.Module.__call__``: in eager code the
+    hook is called for every saved tensor, and global module hooks (the eager engine's, which name
+    the running module) must not see a "GraphModule" around the tensor being packed."""
+
+    def __init__(self, traced: torch.fx.GraphModule) -> None:
+        super().__init__(traced, traced.graph)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.forward(*args)
+
+
 @functools.lru_cache(maxsize=None)
 def _hook_modules(opts: InlineOptions) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     mode, min_numel, group_size = opts.mode, opts.min_numel, opts.group_size
@@ -594,8 +606,8 @@ def _hook_modules(opts: InlineOptions) -> tuple[torch.fx.GraphModule, torch.fx.G
     def unpack(packed):  # noqa: ANN001, ANN202
         return _ciuic_inline_unpack(packed)
 
-    pack_gm = torch.fx.symbolic_trace(pack)
-    unpack_gm = torch.fx.symbolic_trace(unpack)
+    pack_gm = _HookModule(torch.fx.symbolic_trace(pack))
+    unpack_gm = _HookModule(torch.fx.symbolic_trace(unpack))
     # No user_cache_hash on the wrapped calls: AOTAutograd then bypasses its cache for graphs with
     # these hooks, so every compilation plans its saved nodes afresh (``decisions`` stays truthful,
     # and a changed ciuic can never be served a stale plan). Inductor's own cache still applies.

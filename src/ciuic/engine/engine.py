@@ -42,6 +42,21 @@ def planner_for(config: CompressionConfig) -> Planner:
     return planner
 
 
+def _inline_context(config: CompressionConfig, pack: Callable, unpack: Callable) -> Any:
+    """The hooks for compiled regions: ``ciuic.compiled.inline`` (quantization traced into the
+    compiled graphs, with ``pack``/``unpack`` for everything saved eagerly) for the ratio modes it
+    implements; None (the engine's own hooks, which see a compiled region's saved tensors at its
+    boundary) for "lossless" (bit-identical either way), "auto" (a byte budget needs measured
+    passes), stochastic rounding and ``keep_modules`` (not expressed in the inline plan)."""
+    from .. import compiled
+
+    if config.mode not in compiled.MODES or config.mode == "lossless" or config.rounding != "nearest" \
+            or config.keep_modules:
+        return None
+    return compiled.inline(config.mode, min_numel=config.min_numel, group_size=config.group_size,
+                           eager_hooks=(pack, unpack))
+
+
 class Engine:
     """One compression context: the hooks of one configuration, entered and exited on one thread.
     Its plan lives in the thread's ``Planner`` for that configuration, so it outlives the context.
@@ -55,6 +70,7 @@ class Engine:
         self._prepare = prepare
         self._undo: Callable[[], None] | None = None
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._inline: Any = None  # ciuic.compiled.inline(...) while entered, for the ratio modes
         self._tracker = OpTracker()
         self._entered = False
         self._thread: int | None = None
@@ -66,7 +82,8 @@ class Engine:
         if self._model is not None and self._prepare is not None:
             self._undo = self._prepare(self._model, self.config)
         claim_module_hooks()
-        self._hooks.__enter__()
+        self._inline = _inline_context(self.config, self._pack, self._unpack)
+        (self._inline or self._hooks).__enter__()
         self._tracker.__enter__()
         state().engines.append(self)
         self._entered = True
@@ -86,7 +103,8 @@ class Engine:
             )
         st.engines.pop()
         self._tracker.__exit__(*exc)
-        self._hooks.__exit__(*exc)
+        inline, self._inline = self._inline, None
+        (inline or self._hooks).__exit__(*exc)
         unclaim_module_hooks()
         self._entered = False
         if self._undo is not None:
