@@ -19,10 +19,7 @@ pytestmark = [pytest.mark.xdist_group("kernel_report")]
 
 # Known problems of kernels this file's author does not own; strict: the test fails once fixed,
 # so the mark is removed then.
-KNOWN = {
-    "optim_state": "the fused AdamW kernel's global accesses are not vectorised (32-bit ld/st in the "
-    "PTX; blocks of 64-512 elements on 2-4 warps leave 1-4 elements per thread)",
-}
+KNOWN: dict[str, str] = {}
 
 
 def _jit_functions_in_source() -> dict[str, list[str]]:
