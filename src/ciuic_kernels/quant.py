@@ -52,6 +52,7 @@ CODEC = "quant"
 _TILE_ELEMENTS = TILE_ELEMENTS
 _NUM_WARPS = NUM_WARPS
 _RNG_CHUNK = 1 << 16
+_CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MB of fp32 per chunk: see _groups_per_chunk
 # Decoded NaN is always the canonical quiet NaN of the output dtype (as an integer of its width).
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
@@ -119,8 +120,8 @@ def _step_bits_reference(raw: torch.Tensor) -> torch.Tensor:
     return torch.clamp_min(b, _SMALLEST_NORMAL_BITS)
 
 
-def _add_uniforms_(y: torch.Tensor, seed: int) -> None:
-    """``y += uniform_reference(seed, 0..len(y)-1)`` in place, in cache-sized chunks on CPU.
+def _add_uniforms_(y: torch.Tensor, seed: int, offset: int = 0) -> None:
+    """``y += uniform_reference(seed, offset + 0..len(y)-1)`` in place, in cache-sized chunks on CPU.
 
     The hash runs ~30 int64 passes; chunking keeps them in cache (about 10x faster for 4M elements).
     """
@@ -128,7 +129,17 @@ def _add_uniforms_(y: torch.Tensor, seed: int) -> None:
     chunk = _RNG_CHUNK if y.device.type == "cpu" else max(count, 1)
     for start in range(0, count, chunk):
         stop = min(start + chunk, count)
-        y[start:stop] += uniform_reference(seed, torch.arange(start, stop, dtype=torch.int64, device=y.device))
+        y[start:stop] += uniform_reference(
+            seed, torch.arange(offset + start, offset + stop, dtype=torch.int64, device=y.device))
+
+
+def _groups_per_chunk(num_groups: int, group: int, device: torch.device) -> int:
+    """How many groups the reference codecs process at once. On CPU a chunk of a few hundred KB
+    runs its ~20 elementwise passes in cache, several times faster than passes over the whole
+    tensor; groups are independent, so the bits are the same either way."""
+    if device.type != "cpu":
+        return max(num_groups, 1)
+    return max(_CPU_CHUNK_ELEMENTS // group, 1)
 
 
 def _pack_codes(q: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -156,22 +167,47 @@ def _unpack_codes(payload: torch.Tensor, bits: int) -> torch.Tensor:
 
 @torch.no_grad()  # a pack must not keep an autograd graph (and x) alive
 def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
-    """Quantize ``x`` with pure PyTorch ops (vectorized over groups; no Python loop over data, no
-    host sync: the same work whether or not ``x`` holds NaN/Inf)."""
+    """Quantize ``x`` with pure PyTorch ops (vectorized over groups, in cache-sized chunks of groups
+    on CPU; no Python loop over elements, no host sync: the same work whether or not ``x`` holds
+    NaN/Inf)."""
     _check_arguments(x, spec, seed)
     flat = x.reshape(-1)
     n = flat.numel()
     if n == 0:
         return _empty_packed(x, spec)
     group, bits = spec.group_size, spec.bits
-    qmax = (1 << bits) - 1
     num_groups = -(-n // group)
-    pad = num_groups * group - n
+    dev = flat.device
+    payload = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device=dev)
+    minimum = torch.empty(num_groups, dtype=torch.bfloat16, device=dev)
+    scale = torch.empty(num_groups, dtype=torch.int16, device=dev)
+    chunk = _groups_per_chunk(num_groups, group, dev)
+    for g0 in range(0, num_groups, chunk):
+        g1 = min(g0 + chunk, num_groups)
+        start, stop = g0 * group, min(g1 * group, n)
+        # group * bits is a multiple of 8 (group >= 32): every chunk starts on a byte
+        payload[start * bits // 8: -(-stop * bits // 8)], minimum[g0:g1], scale[g0:g1] = _encode_groups(
+            flat[start:stop], g1 - g0, spec, seed, start)
+    return _make_packed(x, spec, payload=payload, minimum=minimum, scale=scale.view(torch.bfloat16))
 
-    xf = flat.to(torch.float32)
+
+def _encode_groups(chunk: torch.Tensor, num_groups: int, spec: QuantSpec, seed: int, offset: int) -> tuple:
+    """payload bytes, bf16 minimum and int16 scale bits of whole groups (the last may be partial)
+    of the flat tensor, ``chunk`` starting at element ``offset``."""
+    group, bits = spec.group_size, spec.bits
+    qmax = (1 << bits) - 1
+    n = chunk.numel()
+    pad = num_groups * group - n
+    xf = chunk.to(torch.float32)
     # Pad with a copy of the last element: it is already in the last group, so the group's
     # min, max and non-finite flag do not change; padded codes are zeroed below.
     xg = (torch.cat([xf, xf[-1:].expand(pad)]) if pad else xf).view(num_groups, group)
+    # On CPU a host read is free: a chunk without NaN/Inf (the sum of finite values is finite
+    # unless it overflows, which only sends the chunk down the general path) skips the non-finite
+    # bookkeeping, about half the passes. Same bits either way: there every group has levels = qmax.
+    if xg.device.type == "cpu" and bool(torch.isfinite(xg.sum())):
+        mn, mx = torch.aminmax(xg, dim=1)
+        return _encode_finite(xg, mn, mx, n, spec, seed, offset)
     finite = torch.isfinite(xg)
     # min/max over the finite values: one nan_to_num pass each sends NaN/Inf out of the reduction
     inf = float("inf")
@@ -192,57 +228,90 @@ def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Pack
     # NaN -> qmax, +Inf -> qmax - 1, -Inf -> qmax - 2 (only read where not finite), in one pass
     special = torch.nan_to_num(xg, nan=float(qmax), posinf=float(qmax - 1), neginf=float(qmax - 2))
     # NaN/Inf run through the arithmetic below and are replaced by their codes at the end.
-    # In place after the first op: fresh multi-MB buffers cost page faults on CPU.
+    # In place after the first op: fresh buffers cost page faults on CPU.
     y = torch.sub(xg, mn_b[:, None]).div_(s[:, None])
-    if spec.rounding == "stochastic":
-        _add_uniforms_(y.view(-1), seed)
-    else:
-        y.add_(0.5)
-    q = torch.minimum(y.floor_().clamp_min_(0), levels[:, None])
+    _round_codes_(y, spec, seed, offset)
+    q = torch.minimum(y.clamp_min_(0), levels[:, None])
     q = torch.where(finite, q, special).view(-1)
     if pad:
         q[n:] = 0
-    payload = _pack_codes(q, bits, n)
-
     scale_bits = (step_bits >> 16) | (flagged.to(torch.int32) << 15)
-    return _make_packed(
-        x,
-        spec,
-        payload=payload,
-        minimum=mn_b.to(torch.bfloat16),  # exact: mn_b is a bf16 value
-        scale=scale_bits.to(torch.int16).view(torch.bfloat16),
-    )
+    # mn_b is a bf16 value: the conversion is exact
+    return _pack_codes(q, bits, n), mn_b.to(torch.bfloat16), scale_bits.to(torch.int16)
+
+
+def _encode_finite(xg: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, n: int, spec: QuantSpec, seed: int,
+                   offset: int) -> tuple:
+    """``_encode_groups`` for groups without NaN/Inf (levels = qmax everywhere, no reserved codes)."""
+    qmax = (1 << spec.bits) - 1
+    mn_b = _round_down_to_bf16(mn)
+    step_bits = _step_bits_reference((mx - mn_b) / torch.full_like(mx, float(qmax)))
+    y = torch.sub(xg, mn_b[:, None]).div_(step_bits.view(torch.float32)[:, None])
+    _round_codes_(y, spec, seed, offset)
+    q = y.clamp_(0, qmax).view(-1)
+    if q.numel() > n:
+        q[n:] = 0
+    return _pack_codes(q, spec.bits, n), mn_b.to(torch.bfloat16), (step_bits >> 16).to(torch.int16)
+
+
+def _round_codes_(y: torch.Tensor, spec: QuantSpec, seed: int, offset: int) -> None:
+    """``y = floor(y + u)`` in place: ``u = 0.5`` (nearest) or the uniforms of the flat indices."""
+    if spec.rounding == "stochastic":
+        _add_uniforms_(y.view(-1), seed, offset)
+    else:
+        y.add_(0.5)
+    y.floor_()
 
 
 @torch.no_grad()
 def decode_reference(packed: Packed) -> torch.Tensor:
-    """Rebuild the tensor with pure PyTorch ops."""
+    """Rebuild the tensor with pure PyTorch ops (in cache-sized chunks of groups on CPU)."""
     _check_packed(packed)
     n = packed.numel
     t = packed.tensors
     if n == 0:
         return torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
     group, bits = packed.params["group_size"], packed.bits
-    qmax = (1 << bits) - 1
     num_groups = -(-n // group)
-    scale_bits = t["scale"].view(torch.int16).to(torch.int32)
+    scale_bits = t["scale"].view(torch.int16)
+    out = torch.empty(n, dtype=packed.dtype, device=packed.device)
+    chunk = _groups_per_chunk(num_groups, group, packed.device)
+    for g0 in range(0, num_groups, chunk):
+        g1 = min(g0 + chunk, num_groups)
+        start, stop = g0 * group, min(g1 * group, n)
+        out[start:stop] = _decode_groups(
+            t["payload"][start * bits // 8: -(-stop * bits // 8)], t["minimum"][g0:g1], scale_bits[g0:g1],
+            stop - start, group, bits, packed.dtype)
+    return out.view(packed.shape)
+
+
+def _decode_groups(payload: torch.Tensor, minimum: torch.Tensor, scale_bits: torch.Tensor, n: int, group: int,
+                   bits: int, dtype: torch.dtype) -> torch.Tensor:
+    qmax = (1 << bits) - 1
+    num_groups = minimum.numel()
+    scale_bits = scale_bits.to(torch.int32)
     s = ((scale_bits & 0x7FFF) << 16).view(torch.float32)
     flagged = scale_bits < 0
-    mn_b = t["minimum"].to(torch.float32)
-    q = torch.empty(num_groups * group, dtype=torch.float32, device=packed.device)
-    q[:n] = _unpack_codes(t["payload"], bits)[:n]
+    mn_b = minimum.to(torch.float32)
+    q = torch.empty(num_groups * group, dtype=torch.float32, device=payload.device)
+    q[:n] = _unpack_codes(payload, bits)[:n]
     q[n:] = 0
     qg = q.view(num_groups, group)
     # mul then add, two roundings like the kernel (fp fusion is off there).
     x_hat = qg * s[:, None]
     x_hat.add_(mn_b[:, None])
+    # On CPU a host read is free: with no flagged group there are no reserved codes, and
+    # mn_b + q * s of finite operands is never NaN, so no canonical-NaN pass either.
+    if payload.device.type == "cpu" and not bool(flagged.any()):
+        return x_hat.view(-1)[:n].to(dtype)
     special = torch.where(qg == qmax, float("nan"), torch.where(qg == qmax - 1, float("inf"), float("-inf")))
     x_hat = torch.where(flagged[:, None] & (qg >= qmax - 2), special, x_hat)
-    out = x_hat.view(-1)[:n].to(packed.dtype)
+    out = x_hat.view(-1)[:n].to(dtype)
     # One NaN bit pattern in every backend (torch's vectorized casts may emit another one).
-    bits = out.view(_INT_OF[packed.dtype])
-    out = torch.where(torch.isnan(out), torch.full((), _CANONICAL_NAN[packed.dtype], dtype=bits.dtype, device=out.device), bits)
-    return out.view(packed.dtype).view(packed.shape)
+    out_bits = out.view(_INT_OF[dtype])
+    out = torch.where(torch.isnan(out), torch.full((), _CANONICAL_NAN[dtype], dtype=out_bits.dtype,
+                                                   device=out.device), out_bits)
+    return out.view(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
