@@ -132,6 +132,24 @@ def test_triton_matches_reference_group_sizes(group_size, bits):
 
 
 @needs_triton
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"], ids=lambda r: f"rounding={r}")
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"bits={b}")
+def test_reference_in_chunks_matches_triton(monkeypatch, bits, rounding):
+    """On CPU the reference runs in chunks of groups, each chunk with or without NaN/Inf taking its
+    own path: chunk boundaries, a NaN-free chunk next to a flagged one and a partial last group
+    give the kernel's bits (the kernel sees the whole tensor at once)."""
+    monkeypatch.setattr(quant, "_CPU_CHUNK_ELEMENTS", 256)  # 4 groups of 64 per chunk
+    spec = QuantSpec(bits=bits, group_size=64, rounding=rounding)
+    x = make_input((2000 + 37,), torch.bfloat16, seed=3)
+    x[300] = math.nan  # chunk 1 flagged, chunks 0 and 2.. not
+    x[1900:1903] = torch.tensor([math.inf, -math.inf, math.nan])
+    for case in (x, x.float(), x.float()[:1000] * 1e30):  # the last: a sum that overflows
+        ref = quant.encode(case, spec, seed=5, backend="torch")
+        assert_packed_equal(quant.encode(case, spec, seed=5, backend="triton"), ref)
+        assert_bitwise_equal(quant.decode(ref, backend="torch"), quant.decode(ref, backend="triton"), "decode")
+
+
+@needs_triton
 def test_triton_matches_reference_extreme_ranges():
     # Tiny (subnormal-range) groups, huge fp32 values and constant groups next to wide ones.
     x = torch.cat(
