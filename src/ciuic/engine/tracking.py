@@ -350,14 +350,32 @@ def unclaim_module_hooks() -> None:
         st.modules.clear()
 
 
+_module_hook_ids: list[int] = []  # the ids the global hooks got the first time (see _same_id)
+
+
+def _same_id(handle: Any, index: int) -> Any:
+    """Give a re-registered global hook the id it had the first time. torch.compile guards on the
+    keys of torch's global hook dicts: a new id per compression block (hooks go when the last
+    engine of a thread exits) would recompile a compiled model at every step."""
+    if index == len(_module_hook_ids):
+        _module_hook_ids.append(handle.id)
+        return handle
+    old, new = _module_hook_ids[index], handle.id
+    for d in handle.hooks_dict_ref(), *(ref() for ref in handle.extra_dict_ref):
+        if d is not None and new in d and old not in d:
+            d[old] = d.pop(new)
+    handle.id = old
+    return handle
+
+
 def _acquire_module_hooks() -> None:
     global _module_hooks_users
     with _module_hooks_lock:
         if _module_hooks_users == 0:
             from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-            _module_hooks.append(register_module_forward_pre_hook(_pre_forward))
-            _module_hooks.append(register_module_forward_hook(_post_forward, always_call=True))
+            _module_hooks.append(_same_id(register_module_forward_pre_hook(_pre_forward), 0))
+            _module_hooks.append(_same_id(register_module_forward_hook(_post_forward, always_call=True), 1))
         _module_hooks_users += 1
 
 
