@@ -11,15 +11,18 @@ generating C++.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import re
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import ciuic
 import ciuic.compiled as cc
 from ciuic import policy
 from ciuic.memory import heap_available, heap_bytes
@@ -28,7 +31,6 @@ from ciuic_kernels.specs import QuantSpec
 
 transformers = pytest.importorskip("transformers")
 
-MODES = ("lossless", "2:1", "4:1", "8:1")
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -163,7 +165,7 @@ def test_inductor_fuses_quantization_and_matches_reference() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Transformers models: LLaMA under Inductor (shared fixture), GPT-2/BERT sweeps under aot_eager
+# Transformers models: LLaMA under Inductor (shared fixture), LLaMA/GPT-2/BERT under aot_eager
 # --------------------------------------------------------------------------------------------------
 
 
@@ -177,7 +179,7 @@ def _model(kind: str, hidden: int, layers: int, seq: int, vocab: int = 128) -> t
     if kind == "gpt2":
         cfg = transformers.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=seq, vocab_size=vocab,
                                       attn_implementation="sdpa", use_cache=False, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0)
+                                      embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return transformers.GPT2LMHeadModel(cfg)
     cfg = transformers.BertConfig(hidden_size=hidden, intermediate_size=3 * hidden, max_position_embeddings=seq,
                                   attn_implementation="sdpa", hidden_dropout_prob=0.0,
@@ -185,23 +187,32 @@ def _model(kind: str, hidden: int, layers: int, seq: int, vocab: int = 128) -> t
     return transformers.BertForMaskedLM(cfg)
 
 
-def _run(model: torch.nn.Module, backend: str, mode: str | None, batches: list, *, bf16: bool = False,
-         heap_at: int | None = None) -> dict:
-    """Train ``len(batches)`` steps (SGD) of a compiled copy; grads of step 1, losses, heap, breaks."""
+def _context(mode: str | None, via: str):  # noqa: ANN202
+    """No compression (None), ``ciuic.compression(mode)`` (the user's entry point, "engine"), or
+    ``ciuic.compiled.inline(mode)`` alone ("inline")."""
+    if mode is None:
+        return contextlib.nullcontext()
+    return ciuic.compression(mode) if via == "engine" else cc.inline(mode)
+
+
+def _run(model: torch.nn.Module, backend: str, mode: str | None, batches: list, *, via: str = "engine",
+         bf16: bool = False, heap_at: int | None = None) -> dict:
+    """Train ``len(batches)`` steps (SGD) of a compiled copy; grads of step 1, losses, heap, breaks,
+    and the plan of every graph compiled meanwhile."""
     _reset_dynamo()
     model = copy.deepcopy(model).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     fn = torch.compile(lambda x: model(input_ids=x, labels=x).loss, backend=backend)
+    last_plan = cc._LAST[-1] if cc._LAST else None
     out = {"losses": [], "grads": None, "heap": None}
     for i, x in enumerate(batches):
         measure = i == heap_at
         if measure:
             before = heap_bytes()
-        with _maybe_inline(mode), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        with _context(mode, via), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             loss = fn(x)
         if measure:
             out["heap"] = heap_bytes() - before
-            out["plan"] = cc.decisions()[-1] if mode and mode != "lossless" else {}  # lossless: no hooks
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if i == 0:
@@ -209,13 +220,9 @@ def _run(model: torch.nn.Module, backend: str, mode: str | None, batches: list, 
         opt.step()
         out["losses"].append(float(loss.detach()))
     out["breaks"] = _graph_breaks()
+    new_plan = cc._LAST[-1] if cc._LAST else None
+    out["plan"] = dict(new_plan) if new_plan is not None and new_plan is not last_plan else {}
     return out
-
-
-def _maybe_inline(mode: str | None):  # noqa: ANN202
-    import contextlib
-
-    return cc.inline(mode) if mode else contextlib.nullcontext()
 
 
 def _rel_error(a: list, b: list) -> float:
@@ -226,19 +233,13 @@ def _rel_error(a: list, b: list) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _llama_inductor() -> dict:
-    # hidden 128, seq 256: activations (~25 tensors of 256 KB) dominate the heap's noise
+    # hidden 128, seq 256: activations (~25 tensors of 256 KB) dominate the heap's noise.
+    # 4:1 through ciuic.compression (the engine enters the inline hooks), 2:1 through inline alone.
     model = _model("llama", hidden=128, layers=1, seq=256)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 128, (2, 256), generator=g) for _ in range(2)]
-    return {mode: _run(model, "inductor", mode, batches, heap_at=1) for mode in (None, "lossless", "2:1", "4:1")}
-
-
-@pytest.mark.xdist_group("compile_llama_inductor")
-def test_llama_inductor_lossless_is_bit_identical() -> None:
-    r = _llama_inductor()
-    base, lossless = r[None], r["lossless"]
-    assert lossless["losses"] == base["losses"]
-    assert all(torch.equal(a, b) for a, b in zip(lossless["grads"], base["grads"]))
+    return {mode: _run(model, "inductor", mode, batches, via=via, heap_at=1)
+            for mode, via in ((None, ""), ("2:1", "inline"), ("4:1", "engine"))}
 
 
 @pytest.mark.skipif(not heap_available(), reason="needs glibc mallinfo2 (Linux, glibc >= 2.33)")
@@ -248,6 +249,7 @@ def test_llama_inductor_heap_ratio(mode: str, bound: float) -> None:
     r = _llama_inductor()
     base, ours = r[None]["heap"], r[mode]["heap"]
     plan = r[mode]["plan"]
+    assert plan, f"{mode}: no inline plan was made (the compiled graph has no ciuic hooks)"
     planned = sum(d.baseline_bytes for d in plan.values()) / sum(d.kept_bytes for d in plan.values())
     assert base > 4 * 2**20, f"baseline holds only {base} B: too small to measure"
     assert base / ours >= bound, (
@@ -260,24 +262,43 @@ def test_llama_inductor_heap_ratio(mode: str, bound: float) -> None:
 def test_llama_inductor_trains_without_extra_graph_breaks() -> None:
     r = _llama_inductor()
     base = r[None]
-    for mode in ("lossless", "2:1", "4:1"):
+    for mode in ("2:1", "4:1"):
         assert r[mode]["breaks"] == base["breaks"], (mode, r[mode]["breaks"], base["breaks"])
         assert all(math.isfinite(v) for v in r[mode]["losses"])
     # quantization noise, not garbage: gradient error of the first step against the compiled baseline
-    assert _rel_error(r["2:1"]["grads"], base["grads"]) < 0.05
-    assert _rel_error(r["4:1"]["grads"], base["grads"]) < 0.3
+    assert 0 < _rel_error(r["2:1"]["grads"], base["grads"]) < 0.05
+    assert 0 < _rel_error(r["4:1"]["grads"], base["grads"]) < 0.3
     # after one SGD step on the compressed gradients, the next loss is the baseline's within 1%
     assert abs(r["4:1"]["losses"][1] / base["losses"][1] - 1) < 0.01, (r["4:1"]["losses"], base["losses"])
 
 
 @functools.lru_cache(maxsize=None)
-def _sweep(kind: str, bf16: bool, modes: tuple = MODES) -> dict:
+def _sweep(kind: str) -> dict:
+    """aot_eager (AOTAutograd inlines the hooks the same way, without generating C++). LLaMA:
+    the baseline, "lossless" (the engine's hooks: must be bit-identical) and "8:1", whose compiled
+    graphs are planned for the other modes too; GPT-2 under bf16 autocast (parameter casts) and BERT
+    (post-norm, GELU): "4:1"."""
     model = _model(kind, hidden=64, layers=1, seq=32)
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 128, (2, 32), generator=g) for _ in range(2)]
+    bf16 = kind == "gpt2"
+    modes = ("lossless", "8:1") if kind == "llama" else ("4:1",)
     runs = {None: _run(model, "aot_eager", None, batches, bf16=bf16)}
+    graphs: list = []
+    plan_graph = cc._plan_graph
+
+    def recording(fw, bw, opts):  # noqa: ANN001, ANN202
+        # every ratio mode planned on the graph as it is now (torch then inlines the hooks into it)
+        graphs.append({m: plan_graph(fw, bw, cc.InlineOptions(m)) for m in ("2:1", "4:1", "8:1")})
+        return plan_graph(fw, bw, opts)
+
     for mode in modes:
-        runs[mode] = _run(model, "aot_eager", mode, batches, bf16=bf16, heap_at=0)
+        cc._plan_graph = recording
+        try:
+            runs[mode] = _run(model, "aot_eager", mode, batches, bf16=bf16)
+        finally:
+            cc._plan_graph = plan_graph
+    runs["graphs"] = graphs
     return runs
 
 
@@ -293,40 +314,46 @@ def _planned_ratio_or_floor(plan: dict, mode: str) -> None:
         assert not above, f"{mode}: planned ratio {ratio:.2f} < {target} while {above} could go lower"
 
 
-@pytest.mark.parametrize("kind,bf16,modes", [
-    pytest.param("llama", False, MODES, id="llama-fp32", marks=pytest.mark.xdist_group("sweep_llama")),
-    pytest.param("gpt2", False, MODES, id="gpt2-fp32"),
-    pytest.param("bert", False, MODES, id="bert-fp32"),
-    pytest.param("llama", True, ("4:1",), id="llama-bf16")])
-def test_models_train_under_every_mode(kind: str, bf16: bool, modes: tuple) -> None:
-    runs = _sweep(kind, bf16, modes)
+def _plans_of_every_mode() -> dict:
+    """LLaMA's compiled graph planned for every ratio mode when the 8:1 run compiled it (planning
+    needs no recompile)."""
+    graphs = _sweep("llama")["graphs"]
+    assert len(graphs) == 1, f"the 8:1 run compiled {len(graphs)} graphs (a recompile between steps?)"
+    return graphs[0]
+
+
+@pytest.mark.parametrize("kind", [pytest.param("llama", marks=pytest.mark.xdist_group("sweep_llama")),
+                                  "gpt2", "bert"], ids=lambda k: f"model={k}")
+def test_models_train_under_compression(kind: str) -> None:
+    runs = _sweep(kind)
     base = runs[None]
-    if "lossless" in runs:
+    modes = [m for m in runs if m not in (None, "graphs")]
+    if "lossless" in runs:  # the engine's boundary hooks: bit-identical to compiled uncompressed
         assert runs["lossless"]["losses"] == base["losses"]
         assert all(torch.equal(a, b) for a, b in zip(runs["lossless"]["grads"], base["grads"]))
+        assert runs["lossless"]["plan"] == {}, "lossless must not inline hooks into the compiled graph"
     for mode in modes:
         r = runs[mode]
         assert r["breaks"] == base["breaks"], (mode, r["breaks"], base["breaks"])
         assert all(math.isfinite(v) for v in r["losses"]), (mode, r["losses"])
         assert all(bool(torch.isfinite(gr).all()) for gr in r["grads"]), mode
-        bits = [d.bits for d in r["plan"].values() if d.cls not in (None, "bool", "input_copy")]
         if mode == "lossless":
-            assert all(b == 0 for b in bits)
-        else:
-            assert any(b in (8, 4, 2) for b in bits), f"{kind} {mode}: nothing quantized: {r['plan']}"
-            _planned_ratio_or_floor(r["plan"], mode)
+            continue
+        bits = [d.bits for d in r["plan"].values() if d.cls not in (None, "bool", "input_copy")]
+        assert any(b in (8, 4, 2) for b in bits), f"{kind} {mode}: nothing quantized: {r['plan']}"
+        _planned_ratio_or_floor(r["plan"], mode)
         for d in r["plan"].values():  # parameters' copies (autocast casts) are never quantized
             if d.cls == "input_copy":
                 assert d.bits == 0
-    if "2:1" in runs:
-        assert _rel_error(runs["2:1"]["grads"], base["grads"]) < 0.1
+        assert 0 < _rel_error(r["grads"], base["grads"]) < 0.5, (kind, mode)
+    if kind == "gpt2":
+        assert any(d.cls == "input_copy" for d in runs["4:1"]["plan"].values()), "bf16 weight casts not seen"
 
 
 @pytest.mark.xdist_group("sweep_llama")
 def test_classes_and_floors_follow_the_eager_policy() -> None:
-    runs = _sweep("llama", False, MODES)
-    for mode in ("2:1", "4:1", "8:1"):
-        plan = runs[mode]["plan"]
+    plans = _plans_of_every_mode()
+    for mode, plan in plans.items():
         by_cls: dict = {}
         for d in plan.values():
             by_cls.setdefault(d.cls, set()).add(d.bits)
@@ -336,8 +363,14 @@ def test_classes_and_floors_follow_the_eager_policy() -> None:
         for d in plan.values():
             if d.cls is None:
                 assert d.bits == 0
-    lin = {d.bits for d in runs["4:1"]["plan"].values() if d.cls == "linear_input"}
+        _planned_ratio_or_floor(plan, mode)
+    lin = {d.bits for d in plans["4:1"].values() if d.cls == "linear_input"}
     assert lin & {4, 2}, lin  # 4:1 gets the bytes from linear inputs, not from attention
+    kept = {m: sum(d.kept_bytes for d in p.values()) for m, p in plans.items()}
+    assert kept["2:1"] > kept["4:1"] > kept["8:1"], kept
+    # the 8:1 run used the plan made for the same graph
+    ran = _sweep("llama")["8:1"]["plan"]
+    assert {k: d.bits for k, d in ran.items()} == {k: d.bits for k, d in plans["8:1"].items()}
 
 
 @pytest.mark.xdist_group("compile_mlp")
@@ -361,3 +394,134 @@ def test_eager_code_under_inline_uses_eager_hooks() -> None:
     with cc.inline("4:1"):
         z = (torch.randn(4, 8) @ w).tanh().sum()  # without eager_hooks: kept as is
     z.backward()
+
+
+# --------------------------------------------------------------------------------------------------
+# ciuic.compression() / enable_compression(): the engine enters the inline hooks for the ratio modes
+# --------------------------------------------------------------------------------------------------
+
+
+def _top_hooks() -> tuple | None:
+    from torch._functorch._aot_autograd.utils import top_saved_tensors_hooks
+
+    return top_saved_tensors_hooks()
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_mlp() -> tuple:
+    """A small MLP compiled (aot_eager) and run once BEFORE any compression is on."""
+    _reset_dynamo()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64))
+    x = torch.randn(128, 64, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model, backend="aot_eager")
+
+    def step(context: Any) -> tuple[float, list]:
+        model.zero_grad(set_to_none=True)
+        with context:
+            loss = compiled(x).sum()  # saves nothing outside the compiled graph
+        loss.backward()
+        return float(loss.detach()), [p.grad.clone() for p in model.parameters()]
+
+    return step, step(contextlib.nullcontext())
+
+
+def _bits_equal(a: list, b: list) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.xdist_group("compile_mlp")
+def test_compression_quantizes_a_model_compiled_before_it_was_enabled() -> None:
+    step, (base_loss, base) = _compiled_mlp()
+    last = cc._LAST[-1] if cc._LAST else None
+    ciuic.reset_stats()
+    loss, grads = step(ciuic.compression("4:1", min_numel=1024))
+    plan = cc._LAST[-1]
+    assert plan is not last, "no graph was recompiled with ciuic's hooks (Dynamo's hook guard)"
+    assert {d.cls for d in plan.values() if d.bits in (8, 4, 2)} >= {"elementwise", "linear_input"}, plan
+    assert loss == base_loss  # the forward is untouched
+    assert 0 < _rel_error(grads, base) < 0.1
+    # a compression() block per step (as the integrations do) reuses that graph: no recompile
+    # (the engine's global module hooks come back under the same ids, which Dynamo guards on)
+    for _ in range(3):
+        _, again = step(ciuic.compression("4:1", min_numel=1024))
+        assert _bits_equal(again, grads)
+    assert cc._LAST[-1] is plan, "a compression() block per step recompiled the model"
+    # the same hooks as ciuic.compiled.inline with the same options: same graph, same bits
+    _, inline_grads = step(cc.inline("4:1", min_numel=1024))
+    assert _bits_equal(inline_grads, grads)
+    # enable/disable_compression: the same; after disable the compiled model is the baseline again
+    ciuic.enable_compression("4:1", min_numel=1024)
+    try:
+        assert isinstance(_top_hooks()[0], torch.fx.GraphModule)
+        _, enabled_grads = step(contextlib.nullcontext())
+    finally:
+        ciuic.disable_compression()
+    assert _bits_equal(enabled_grads, grads)
+    assert _top_hooks() is None
+    _, after = step(contextlib.nullcontext())
+    assert _bits_equal(after, base)
+
+
+@pytest.mark.xdist_group("compile_mlp")
+@pytest.mark.parametrize("options", [{"mode": "lossless"}, {"mode": "4:1", "rounding": "stochastic"},
+                                     {"mode": "auto", "budget": 0.5}, {"mode": "4:1", "keep_modules": ("2",)}],
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_other_configs_compress_compiled_regions_at_their_boundary(options: dict) -> None:
+    # No inline hooks: the engine's own hooks see the compiled region's saved tensors when it
+    # returns; "lossless" is then bit-identical to the compiled baseline.
+    step, (base_loss, base) = _compiled_mlp()
+    last = cc._LAST[-1] if cc._LAST else None
+    ciuic.reset_stats()
+    engine = ciuic.compression(options.pop("mode"), **options)
+    loss, grads = step(engine)
+    assert (cc._LAST[-1] if cc._LAST else None) is last, "an inline plan was made"
+    assert ciuic.stats().tensors_packed >= 2  # the compiled region's saved tensors reached the engine
+    assert loss == base_loss
+    if engine.config.mode == "lossless":
+        assert _bits_equal(grads, base)
+    else:
+        assert all(bool(torch.isfinite(g).all()) for g in grads) and _rel_error(grads, base) < 0.1
+
+
+@pytest.mark.xdist_group("compile_mlp")
+def test_exception_in_the_block_leaves_no_hooks_behind() -> None:
+    step, _ = _compiled_mlp()
+    filtering = torch._functorch.config.saved_tensors_hooks_filtering_mode
+    with pytest.raises(ZeroDivisionError):
+        with ciuic.compression("4:1"):
+            assert isinstance(_top_hooks()[0], torch.fx.GraphModule)
+            assert torch._functorch.config.saved_tensors_hooks_filtering_mode == cc.FILTERING_MODE
+            1 / 0
+    assert _top_hooks() is None and not ciuic.is_enabled()
+    assert torch._functorch.config.saved_tensors_hooks_filtering_mode == filtering
+
+
+def test_eager_models_are_unchanged_by_the_inline_hooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine with the inline hooks in front (eager code reaches it through them) against the
+    # engine alone: same gradients bit for bit, same accounting, same module names.
+    from ciuic.engine import engine as engine_module
+
+    def train(seed: int) -> tuple[list, dict]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.LayerNorm(256),
+                                    torch.nn.Linear(256, 64))
+        x = torch.randn(96, 64, generator=torch.Generator().manual_seed(4))
+        ciuic.reset_stats()
+        for _ in range(2):  # calibration pass, then the planned one
+            model.zero_grad(set_to_none=True)
+            with ciuic.compression("4:1", seed=seed):  # a fresh planner per seed
+                loss = model(x).square().mean()
+            loss.backward()
+        s = ciuic.stats()
+        return [p.grad for p in model.parameters()], {
+            "bytes": (s.tensors_packed, s.bytes_before, s.bytes_after),
+            "modules": {m: (c.before, c.after) for m, c in s.by_module.items()},
+            "codecs": {c: (v.before, v.after) for c, v in s.by_codec.items()}}
+
+    grads, with_inline = train(seed=101)
+    monkeypatch.setattr(engine_module, "_inline_context", lambda *args: None)
+    reference, without = train(seed=102)
+    assert with_inline == without
+    assert _bits_equal(grads, reference)
+    assert any(codec.startswith("int") for codec in with_inline["codecs"]), with_inline
