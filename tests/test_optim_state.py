@@ -141,6 +141,26 @@ def test_triton_kernel_equals_reference_bitwise(bits, block, dtype, shape):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits,block", [(32, 0), (8, 64), (4, 128)], ids=lambda v: str(v))
+def test_reference_in_chunks_equals_triton_kernel(monkeypatch, bits, block):
+    """On CPU the reference update runs in chunks of whole blocks: a non-contiguous bf16 parameter
+    spanning several chunks with a partial last block, stochastic rounding indexed across chunk
+    boundaries, gives the kernel's bits (the kernel sees the whole parameter at once)."""
+    monkeypatch.setattr(ops, "_CPU_CHUNK_ELEMENTS", 256)
+    g = torch.Generator().manual_seed(11)
+    n = 23 * 41
+    p = torch.randn(41, 23, generator=g).bfloat16().t()  # non-contiguous
+    grad = torch.randn(23, 41, generator=g).bfloat16()
+    state = _state(n, bits, block, g)
+    for stochastic in (False, True):
+        ref = _run("torch", p, grad, state, bits, block, stochastic)
+        tri = _run("triton", p, grad, state, bits, block, stochastic)
+        for name, a, e in zip(["param", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"], tri, ref):
+            if e is not None:
+                assert_bitwise_equal(a, e, f"{name} (stochastic={stochastic})")
+
+
+@needs_triton
 def test_triton_kernel_equals_reference_with_nonfinite_and_fp32_grad_for_bf16():
     g = torch.Generator().manual_seed(3)
     p = torch.randn(300, generator=g).bfloat16()

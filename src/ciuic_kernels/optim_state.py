@@ -159,6 +159,9 @@ def check_layout(bits: int, block_size: int) -> None:
         )
 
 
+_CPU_CHUNK_ELEMENTS = 1 << 14  # the reference update's chunk on CPU (see adamw_update_reference)
+
+
 def code_bytes(numel: int, bits: int) -> int:
     """Bytes of the codes of a ``numel``-element moment at ``bits`` (8 or 4)."""
     return numel if bits == 8 else -(-numel // 2)
@@ -239,32 +242,30 @@ def _bf16_bits_rne(p: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(p), torch.tensor(0x7FC0, dtype=torch.int16, device=p.device), bits)
 
 
-def _bf16_bits_stochastic(p: torch.Tensor, seed: int) -> torch.Tensor:
-    """fp32 -> bf16 bits: add a uniform 16-bit integer to the fp32 bits, keep the high half."""
+def _bf16_bits_stochastic(p: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
+    """fp32 -> bf16 bits: add a uniform 16-bit integer to the fp32 bits, keep the high half
+    (the uniforms of flat indices ``offset + 0..len(p)-1``)."""
     n = p.numel()
     bits = p.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     noise = torch.empty(n, dtype=torch.int64, device=p.device)
     chunk = 1 << 16 if p.device.type == "cpu" else max(n, 1)  # the hash runs in cache-sized chunks
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
-        u = uniform_reference(seed, torch.arange(start, stop, dtype=torch.int64, device=p.device))
+        u = uniform_reference(seed, torch.arange(offset + start, offset + stop, dtype=torch.int64, device=p.device))
         noise[start:stop] = (u * 65536.0).to(torch.int64)
     high = ((bits + noise) >> 16) & 0xFFFF
     high = torch.where(torch.isnan(p), 0x7FC0, high)
     return (high - ((high >> 15) << 16)).to(torch.int16)
 
 
-def _write_param(param: torch.Tensor, p: torch.Tensor, stochastic_round: bool, seed: int) -> None:
-    """Write fp32 ``p`` (flat, param.numel()) into ``param`` in its dtype."""
-    target = param if param.is_contiguous() else torch.empty_like(param, memory_format=torch.contiguous_format)
-    flat = target.view(-1)
-    if param.dtype == torch.bfloat16:
-        bits = _bf16_bits_stochastic(p, seed) if stochastic_round else _bf16_bits_rne(p)
+def _write_param(flat: torch.Tensor, p: torch.Tensor, stochastic_round: bool, seed: int, offset: int) -> None:
+    """Write fp32 ``p`` into ``flat`` (a contiguous 1-D slice of the parameter, starting at flat
+    index ``offset``) in its dtype."""
+    if flat.dtype == torch.bfloat16:
+        bits = _bf16_bits_stochastic(p, seed, offset) if stochastic_round else _bf16_bits_rne(p)
         flat.view(torch.int16).copy_(bits)
     else:
         flat.copy_(p)
-    if target is not param:
-        param.copy_(target)
 
 
 def _scalars(lr, beta1, beta2, eps, weight_decay, step) -> dict[str, float]:
@@ -299,37 +300,65 @@ def adamw_update_reference(param, grad, exp_avg, exp_avg_sq, exp_avg_scale=None,
                            bits: int, block_size: int, lr: float, beta1: float, beta2: float, eps: float,
                            weight_decay: float, step: int, stochastic_round: bool = False,
                            seed: int = 0) -> None:
-    """One AdamW step on ``param`` and its state, in place, with PyTorch ops (see ``adamw_update``)."""
+    """One AdamW step on ``param`` and its state, in place, with PyTorch ops (see ``adamw_update``).
+
+    On CPU it runs in chunks of whole blocks (``_CPU_CHUNK_ELEMENTS``): the fp32/int64 temporaries
+    of a step are then a few hundred KB whatever the parameter's size (in a step fused into
+    backward they add to the activations' peak), and stay in cache. Blocks are independent and the
+    stochastic rounding is indexed by the flat element, so the bits do not depend on the chunking."""
     n = param.numel()
     if n == 0:
         return
     s = _scalars(lr, beta1, beta2, eps, weight_decay, step)
-    p = param.detach().reshape(-1).to(torch.float32)
-    g = grad.reshape(-1).to(torch.float32)
-    if bits == 32:
-        p, m, v = _adam_math(p, g, exp_avg.view(-1), exp_avg_sq.view(-1), s)
-        exp_avg.view(-1).copy_(m)
-        exp_avg_sq.view(-1).copy_(v)
-    else:
-        nb = num_blocks(n, block_size)
-        padded = nb * block_size
-        if padded > n:
-            p = torch.cat([p, p.new_zeros(padded - n)])
-            g = torch.cat([g, g.new_zeros(padded - n)])
-        m_old = _dequantize_padded(exp_avg, exp_avg_scale, True, bits, block_size, n)
-        v_old = _dequantize_padded(exp_avg_sq, exp_avg_sq_scale, False, bits, block_size, n)
-        p, m, v = _adam_math(p.view(nb, block_size), g.view(nb, block_size), m_old, v_old, s)
-        if padded > n:  # the kernel masks elements past n out of the block statistics
-            m.view(-1)[n:] = 0.0
-            v.view(-1)[n:] = 0.0
-        codes, scale = _quantize_padded(m, True, bits, n)
-        exp_avg.copy_(codes)
-        exp_avg_scale.copy_(scale)
-        codes, scale = _quantize_padded(v, False, bits, n)
-        exp_avg_sq.copy_(codes)
-        exp_avg_sq_scale.copy_(scale)
-        p = p.reshape(-1)[:n]
-    _write_param(param, p.contiguous(), stochastic_round, seed)
+    target = param.detach() if param.is_contiguous() else torch.empty_like(
+        param.detach(), memory_format=torch.contiguous_format)
+    flat_param = target.view(-1)
+    if target is not param:
+        flat_param.copy_(param.detach().reshape(-1))
+    flat_grad = grad.reshape(-1)
+    unit = block_size if bits != 32 else 1
+    chunk = max(_CPU_CHUNK_ELEMENTS // unit, 1) * unit if param.device.type == "cpu" else n
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        p = flat_param[start:stop].to(torch.float32)
+        g = flat_grad[start:stop].to(torch.float32)
+        if bits == 32:
+            m_state, v_state = exp_avg.view(-1)[start:stop], exp_avg_sq.view(-1)[start:stop]
+            p, m, v = _adam_math(p, g, m_state, v_state, s)
+            m_state.copy_(m)
+            v_state.copy_(v)
+        else:
+            code_slice = slice(code_bytes(start, bits), code_bytes(stop, bits))  # start: a whole block
+            block_slice = slice(start // block_size, num_blocks(stop, block_size))
+            p = _update_quantized(p, g, exp_avg[code_slice], exp_avg_sq[code_slice], exp_avg_scale[block_slice],
+                                  exp_avg_sq_scale[block_slice], s, bits, block_size)
+        _write_param(flat_param[start:stop], p, stochastic_round, seed, start)
+    if target is not param:
+        param.copy_(target)
+
+
+def _update_quantized(p, g, exp_avg, exp_avg_sq, exp_avg_scale, exp_avg_sq_scale, s, bits, block_size):
+    """The step for whole blocks of fp32 ``p``/``g`` (the last may be partial) with 8/4-bit moments:
+    the moments' codes and scales are rewritten in place; returns the new fp32 ``p``."""
+    n = p.numel()
+    nb = num_blocks(n, block_size)
+    padded = nb * block_size
+    if padded > n:
+        p = torch.cat([p, p.new_zeros(padded - n)])
+        g = torch.cat([g, g.new_zeros(padded - n)])
+    m_old = _dequantize_padded(exp_avg, exp_avg_scale, True, bits, block_size, n)
+    v_old = _dequantize_padded(exp_avg_sq, exp_avg_sq_scale, False, bits, block_size, n)
+    p, m, v = _adam_math(p.view(nb, block_size), g.view(nb, block_size), m_old, v_old, s)
+    if padded > n:  # the kernel masks elements past n out of the block statistics
+        m.view(-1)[n:] = 0.0
+        v.view(-1)[n:] = 0.0
+    codes, scale = _quantize_padded(m, True, bits, n)
+    exp_avg.copy_(codes)
+    exp_avg_scale.copy_(scale)
+    codes, scale = _quantize_padded(v, False, bits, n)
+    exp_avg_sq.copy_(codes)
+    exp_avg_sq_scale.copy_(scale)
+    return p.reshape(-1)[:n]
 
 
 # --------------------------------------------------------------------------------------------------
