@@ -220,8 +220,9 @@ def _run(model: torch.nn.Module, backend: str, mode: str | None, batches: list, 
         opt.step()
         out["losses"].append(float(loss.detach()))
     out["breaks"] = _graph_breaks()
-    new_plan = cc._LAST[-1] if cc._LAST else None
-    out["plan"] = dict(new_plan) if new_plan is not None and new_plan is not last_plan else {}
+    start = next((i + 1 for i, p in enumerate(cc._LAST) if p is last_plan), 0)
+    # every graph compiled meanwhile (GPT-2 is two: a graph break), node names prefixed by graph
+    out["plan"] = {f"{i}:{name}": d for i, p in enumerate(cc._LAST[start:]) for name, d in p.items()}
     return out
 
 
@@ -233,20 +234,31 @@ def _rel_error(a: list, b: list) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _llama_inductor() -> dict:
-    # hidden 128, seq 256: activations (~25 tensors of 256 KB) dominate the heap's noise.
-    # 4:1 through ciuic.compression (the engine enters the inline hooks), 2:1 through inline alone.
-    model = _model("llama", hidden=128, layers=1, seq=256)
+    # 4:1 through ciuic.compression (the engine enters the inline hooks). One cold Inductor compile
+    # costs a minute of CPU here, so the baseline is the same graph that Inductor gets (its
+    # decompositions and partitioner: the same saved tensors) run by aot_eager_decomp_partition,
+    # and the other modes run under aot_eager (_sweep).
+    batches = _llama_batches()
+    return {None: _run(_llama(), "aot_eager_decomp_partition", None, batches, heap_at=1),
+            "4:1": _run(_llama(), "inductor", "4:1", batches, heap_at=1)}
+
+
+def _llama() -> torch.nn.Module:
+    # hidden 128, seq 256: activations (~25 tensors of 256 KB) dominate the heap's noise
+    return _model("llama", hidden=128, layers=1, seq=256)
+
+
+def _llama_batches() -> list:
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 128, (2, 256), generator=g) for _ in range(2)]
-    return {mode: _run(model, "inductor", mode, batches, via=via, heap_at=1)
-            for mode, via in ((None, ""), ("2:1", "inline"), ("4:1", "engine"))}
+    return [torch.randint(0, 128, (2, 256), generator=g) for _ in range(2)]
 
 
 @pytest.mark.skipif(not heap_available(), reason="needs glibc mallinfo2 (Linux, glibc >= 2.33)")
-@pytest.mark.xdist_group("compile_llama_inductor")
-@pytest.mark.parametrize("mode,bound", [("2:1", 1.9), ("4:1", 3.5)])
-def test_llama_inductor_heap_ratio(mode: str, bound: float) -> None:
-    r = _llama_inductor()
+@pytest.mark.parametrize("mode,bound", [
+    pytest.param("2:1", 1.9, id="2:1-aot_eager", marks=pytest.mark.xdist_group("sweep_llama")),
+    pytest.param("4:1", 3.5, id="4:1-inductor", marks=pytest.mark.xdist_group("compile_llama_inductor"))])
+def test_llama_heap_ratio(mode: str, bound: float) -> None:
+    r = _llama_inductor() if mode == "4:1" else _sweep("llama")
     base, ours = r[None]["heap"], r[mode]["heap"]
     plan = r[mode]["plan"]
     assert plan, f"{mode}: no inline plan was made (the compiled graph has no ciuic hooks)"
@@ -262,11 +274,9 @@ def test_llama_inductor_heap_ratio(mode: str, bound: float) -> None:
 def test_llama_inductor_trains_without_extra_graph_breaks() -> None:
     r = _llama_inductor()
     base = r[None]
-    for mode in ("2:1", "4:1"):
-        assert r[mode]["breaks"] == base["breaks"], (mode, r[mode]["breaks"], base["breaks"])
-        assert all(math.isfinite(v) for v in r[mode]["losses"])
+    assert r["4:1"]["breaks"] == base["breaks"], (r["4:1"]["breaks"], base["breaks"])
+    assert all(math.isfinite(v) for v in r["4:1"]["losses"])
     # quantization noise, not garbage: gradient error of the first step against the compiled baseline
-    assert 0 < _rel_error(r["2:1"]["grads"], base["grads"]) < 0.05
     assert 0 < _rel_error(r["4:1"]["grads"], base["grads"]) < 0.3
     # after one SGD step on the compressed gradients, the next loss is the baseline's within 1%
     assert abs(r["4:1"]["losses"][1] / base["losses"][1] - 1) < 0.01, (r["4:1"]["losses"], base["losses"])
@@ -274,16 +284,19 @@ def test_llama_inductor_trains_without_extra_graph_breaks() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _sweep(kind: str) -> dict:
-    """aot_eager (AOTAutograd inlines the hooks the same way, without generating C++). LLaMA:
-    the baseline, "lossless" (the engine's hooks: must be bit-identical) and "8:1", whose compiled
-    graphs are planned for the other modes too; GPT-2 under bf16 autocast (parameter casts) and BERT
-    (post-norm, GELU): "4:1"."""
-    model = _model(kind, hidden=64, layers=1, seq=32)
-    g = torch.Generator().manual_seed(2)
-    batches = [torch.randint(0, 128, (2, 32), generator=g) for _ in range(2)]
+    """aot_eager (AOTAutograd inlines the hooks the same way, without generating C++). LLaMA (the
+    heap-sized one): the baseline, "lossless" (the engine's hooks: must be bit-identical) and "2:1"
+    (``ciuic.compiled.inline`` alone), whose graph is also planned for every ratio mode; GPT-2
+    under bf16 autocast (parameter casts) at "4:1"; BERT (post-norm, GELU) at "8:1" (2 bits,
+    groups of 128)."""
+    if kind == "llama":
+        model, batches, modes = _llama(), _llama_batches(), ("lossless", "2:1")
+    else:
+        model, modes = _model(kind, hidden=64, layers=1, seq=32), ("4:1",) if kind == "gpt2" else ("8:1",)
+        g = torch.Generator().manual_seed(2)
+        batches = [torch.randint(0, 128, (2, 32), generator=g) for _ in range(2)]
     bf16 = kind == "gpt2"
-    modes = ("lossless", "8:1") if kind == "llama" else ("4:1",)
-    runs = {None: _run(model, "aot_eager", None, batches, bf16=bf16)}
+    runs = {None: _run(model, "aot_eager", None, batches, bf16=bf16, heap_at=1)}
     graphs: list = []
     plan_graph = cc._plan_graph
 
@@ -293,12 +306,14 @@ def _sweep(kind: str) -> dict:
         return plan_graph(fw, bw, opts)
 
     for mode in modes:
+        graphs.clear()
         cc._plan_graph = recording
         try:
-            runs[mode] = _run(model, "aot_eager", mode, batches, bf16=bf16)
+            runs[mode] = _run(model, "aot_eager", mode, batches, via="inline" if mode == "2:1" else "engine",
+                              bf16=bf16, heap_at=1)
         finally:
             cc._plan_graph = plan_graph
-    runs["graphs"] = graphs
+        runs.setdefault("graphs", {})[mode] = list(graphs)
     return runs
 
 
@@ -315,10 +330,10 @@ def _planned_ratio_or_floor(plan: dict, mode: str) -> None:
 
 
 def _plans_of_every_mode() -> dict:
-    """LLaMA's compiled graph planned for every ratio mode when the 8:1 run compiled it (planning
+    """LLaMA's compiled graph planned for every ratio mode when the 2:1 run compiled it (planning
     needs no recompile)."""
-    graphs = _sweep("llama")["graphs"]
-    assert len(graphs) == 1, f"the 8:1 run compiled {len(graphs)} graphs (a recompile between steps?)"
+    graphs = _sweep("llama")["graphs"]["2:1"]
+    assert len(graphs) == 1, f"the 2:1 run compiled {len(graphs)} graphs (a recompile between steps?)"
     return graphs[0]
 
 
@@ -345,9 +360,12 @@ def test_models_train_under_compression(kind: str) -> None:
         for d in r["plan"].values():  # parameters' copies (autocast casts) are never quantized
             if d.cls == "input_copy":
                 assert d.bits == 0
-        assert 0 < _rel_error(r["grads"], base["grads"]) < 0.5, (kind, mode)
-    if kind == "gpt2":
-        assert any(d.cls == "input_copy" for d in runs["4:1"]["plan"].values()), "bf16 weight casts not seen"
+        # quantization noise, not garbage (8:1 puts most activations at 2 bits)
+        assert 0 < _rel_error(r["grads"], base["grads"]) < {"2:1": 0.05, "4:1": 0.5, "8:1": 0.8}[mode], (kind, mode)
+    if kind == "gpt2":  # under autocast: bf16 activations quantized, the weights' bf16 casts never
+        plan = runs["4:1"]["plan"].values()
+        assert any(d.bits in (8, 4, 2) and d.baseline_bytes == 2 * d.numel for d in plan), runs["4:1"]["plan"]
+        assert any(d.cls == "input_copy" for d in plan), runs["4:1"]["plan"]
 
 
 @pytest.mark.xdist_group("sweep_llama")
@@ -368,9 +386,11 @@ def test_classes_and_floors_follow_the_eager_policy() -> None:
     assert lin & {4, 2}, lin  # 4:1 gets the bytes from linear inputs, not from attention
     kept = {m: sum(d.kept_bytes for d in p.values()) for m, p in plans.items()}
     assert kept["2:1"] > kept["4:1"] > kept["8:1"], kept
-    # the 8:1 run used the plan made for the same graph
-    ran = _sweep("llama")["8:1"]["plan"]
-    assert {k: d.bits for k, d in ran.items()} == {k: d.bits for k, d in plans["8:1"].items()}
+    # the 2:1 run used a plan of the same bytes for the same graph (policy.solve breaks ties
+    # between equally sensitive tensors by object id: which of them gets the bits may differ)
+    ran = _sweep("llama")["2:1"]["plan"]
+    assert set(ran) == {f"0:{k}" for k in plans["2:1"]}
+    assert sum(d.kept_bytes for d in ran.values()) == kept["2:1"]
 
 
 @pytest.mark.xdist_group("compile_mlp")

@@ -17,6 +17,10 @@ No Python runs per saved tensor at run time.
         loss = model(x).loss
     loss.backward()
 
+``ciuic.compression()`` / ``enable_compression()`` (and the framework integrations) enter
+``inline`` themselves in ``"2:1"``/``"4:1"``/``"8:1"``, with the eager engine as ``eager_hooks``
+(``ciuic.engine.engine._inline_context``); use ``inline`` directly only without the engine.
+
 **Format.** The one of ``ciuic_kernels.quant`` (its pure-PyTorch reference), rewritten without
 in-place ops so that it traces: per group of ``G`` elements (memory order) a bf16 minimum rounded
 down, a bf16 step rounded up whose sign bit flags a group holding NaN/Inf, and 8/4/2-bit codes
