@@ -52,7 +52,7 @@ CODEC = "quant"
 _TILE_ELEMENTS = TILE_ELEMENTS
 _NUM_WARPS = NUM_WARPS
 _RNG_CHUNK = 1 << 16
-_CPU_CHUNK_ELEMENTS = 1 << 18  # 1 MB of fp32 per chunk: see _groups_per_chunk
+_CPU_CHUNK_ELEMENTS = 1 << 16  # 256 KB of fp32 per chunk: see _groups_per_chunk
 # Decoded NaN is always the canonical quiet NaN of the output dtype (as an integer of its width).
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
