@@ -151,8 +151,10 @@ def _pack_codes(q: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per = 8 // bits
     num_bytes = -(-n // per)
     q = q[: num_bytes * per].view(num_bytes, per)
-    packed = q[:, 0].clone()
-    for r in range(1, per):
+    if per == 1:
+        return q[:, 0].to(torch.uint8)
+    packed = torch.add(q[:, 0], q[:, 1], alpha=1 << bits)
+    for r in range(2, per):
         packed.add_(q[:, r], alpha=1 << (r * bits))
     return packed.to(torch.uint8)
 
@@ -297,13 +299,14 @@ def _decode_groups(payload: torch.Tensor, minimum: torch.Tensor, scale_bits: tor
     q[:n] = _unpack_codes(payload, bits)[:n]
     q[n:] = 0
     qg = q.view(num_groups, group)
+    # On CPU a host read is free: with no flagged group there are no reserved codes, and
+    # mn_b + q * s of finite operands is never NaN, so no canonical-NaN pass either (and the codes
+    # are not read again: the arithmetic runs in their buffer).
+    if payload.device.type == "cpu" and not bool(flagged.any()):
+        return qg.mul_(s[:, None]).add_(mn_b[:, None]).view(-1)[:n].to(dtype)
     # mul then add, two roundings like the kernel (fp fusion is off there).
     x_hat = qg * s[:, None]
     x_hat.add_(mn_b[:, None])
-    # On CPU a host read is free: with no flagged group there are no reserved codes, and
-    # mn_b + q * s of finite operands is never NaN, so no canonical-NaN pass either.
-    if payload.device.type == "cpu" and not bool(flagged.any()):
-        return x_hat.view(-1)[:n].to(dtype)
     special = torch.where(qg == qmax, float("nan"), torch.where(qg == qmax - 1, float("inf"), float("-inf")))
     x_hat = torch.where(flagged[:, None] & (qg >= qmax - 2), special, x_hat)
     out = x_hat.view(-1)[:n].to(dtype)
