@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ciuic
+import ciuic.compiled
 from ciuic.engine import module_hooks_installed, planner_for
 
 MODES = ["lossless", "2:1", "4:1", "8:1"]
@@ -594,9 +595,13 @@ def test_compiled_model_runs_under_every_mode_without_graph_breaks():
         if mode == "lossless":
             assert torch.equal(grad, grad_ref)
         else:
+            # the compiled region quantizes inside its graph (the engine enters ciuic.compiled.inline):
+            # its saved tensors no longer reach the engine (no class "unknown"); the eager loss does
             assert _cosine(grad_ref, grad) >= 0.99 and stats.ratio >= 3.5, stats.ratio
-            # what a compiled region saves is of unknown origin: never below 4 bits
-            assert "int2" not in stats.by_codec and "unknown" in stats.by_class
+            assert "unknown" not in stats.by_class and "loss" in stats.by_class, stats.by_class
+            plan = [d for d in ciuic.compiled.decisions()[-1].values() if d.cls != "input_copy"]
+            planned = sum(d.baseline_bytes for d in plan) / sum(d.kept_bytes for d in plan)
+            assert any(d.bits in (8, 4, 2) for d in plan) and planned >= 3.5, planned
 
 
 def test_a_repacked_tensor_moves_in_every_table():
