@@ -52,6 +52,10 @@ CODEC = "quant"
 _TILE_ELEMENTS = TILE_ELEMENTS
 _NUM_WARPS = NUM_WARPS
 _RNG_CHUNK = 1 << 16
+# On CPU a host read costs no device sync, so the reference branches on the data there (a chunk
+# without NaN/Inf skips the non-finite bookkeeping). The sync-counting tests turn this off to
+# check the branch-free path, which is what the reference runs on CUDA (where a read is a sync).
+_BRANCH_ON_CPU_DATA = True
 _CPU_CHUNK_ELEMENTS = 1 << 16  # 256 KB of fp32 per chunk: see _groups_per_chunk
 # Decoded NaN is always the canonical quiet NaN of the output dtype (as an integer of its width).
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -207,7 +211,7 @@ def _encode_groups(chunk: torch.Tensor, num_groups: int, spec: QuantSpec, seed: 
     # On CPU a host read is free: a chunk without NaN/Inf (the sum of finite values is finite
     # unless it overflows, which only sends the chunk down the general path) skips the non-finite
     # bookkeeping, about half the passes. Same bits either way: there every group has levels = qmax.
-    if xg.device.type == "cpu" and bool(torch.isfinite(xg.sum())):
+    if _BRANCH_ON_CPU_DATA and xg.device.type == "cpu" and bool(torch.isfinite(xg.sum())):
         mn, mx = torch.aminmax(xg, dim=1)
         return _encode_finite(xg, mn, mx, n, spec, seed, offset)
     finite = torch.isfinite(xg)
@@ -302,7 +306,7 @@ def _decode_groups(payload: torch.Tensor, minimum: torch.Tensor, scale_bits: tor
     # On CPU a host read is free: with no flagged group there are no reserved codes, and
     # mn_b + q * s of finite operands is never NaN, so no canonical-NaN pass either (and the codes
     # are not read again: the arithmetic runs in their buffer).
-    if payload.device.type == "cpu" and not bool(flagged.any()):
+    if _BRANCH_ON_CPU_DATA and payload.device.type == "cpu" and not bool(flagged.any()):
         return qg.mul_(s[:, None]).add_(mn_b[:, None]).view(-1)[:n].to(dtype)
     # mul then add, two roundings like the kernel (fp fusion is off there).
     x_hat = qg * s[:, None]
