@@ -143,7 +143,7 @@ def test_reference_in_chunks_matches_triton(monkeypatch, bits, rounding):
     x = make_input((2000 + 37,), torch.bfloat16, seed=3)
     x[300] = math.nan  # chunk 1 flagged, chunks 0 and 2.. not
     x[1900:1903] = torch.tensor([math.inf, -math.inf, math.nan])
-    for case in (x, x.float(), x.float()[:1000] * 1e30):  # the last: a sum that overflows
+    for case in (x, x.float(), x.float()[:1000] * 1e30):  # the last: huge (finite) values
         ref = quant.encode(case, spec, seed=5, backend="torch")
         assert_packed_equal(quant.encode(case, spec, seed=5, backend="triton"), ref)
         assert_bitwise_equal(quant.decode(ref, backend="torch"), quant.decode(ref, backend="triton"), "decode")

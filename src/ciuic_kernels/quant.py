@@ -208,12 +208,13 @@ def _encode_groups(chunk: torch.Tensor, num_groups: int, spec: QuantSpec, seed: 
     # Pad with a copy of the last element: it is already in the last group, so the group's
     # min, max and non-finite flag do not change; padded codes are zeroed below.
     xg = (torch.cat([xf, xf[-1:].expand(pad)]) if pad else xf).view(num_groups, group)
-    # On CPU a host read is free: a chunk without NaN/Inf (the sum of finite values is finite
-    # unless it overflows, which only sends the chunk down the general path) skips the non-finite
-    # bookkeeping, about half the passes. Same bits either way: there every group has levels = qmax.
-    if _BRANCH_ON_CPU_DATA and xg.device.type == "cpu" and bool(torch.isfinite(xg.sum())):
+    # On CPU a host read is free: a chunk without NaN/Inf (min and max propagate NaN and Inf, so
+    # the per-group min/max tell) skips the non-finite bookkeeping, about half the passes. Same
+    # bits either way: there every group has levels = qmax.
+    if _BRANCH_ON_CPU_DATA and xg.device.type == "cpu":
         mn, mx = torch.aminmax(xg, dim=1)
-        return _encode_finite(xg, mn, mx, n, spec, seed, offset)
+        if bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
+            return _encode_finite(xg, mn, mx, n, spec, seed, offset)
     finite = torch.isfinite(xg)
     # min/max over the finite values: one nan_to_num pass each sends NaN/Inf out of the reduction
     inf = float("inf")
