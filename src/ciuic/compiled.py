@@ -67,12 +67,11 @@ are never packed twice.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch._functorch.config
@@ -626,34 +625,65 @@ def hooks(mode: str = "4:1", *, min_numel: int = 4096,
     return _hook_modules(InlineOptions(mode=mode, min_numel=min_numel, group_size=group_size))
 
 
-@contextlib.contextmanager
-def inline(mode: str = "4:1", *, min_numel: int = 4096, group_size: int | None = None,
-           eager_hooks: tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]] | None = None
-           ) -> Iterator[InlineOptions]:
+class inline:  # noqa: N801 - a context manager named like a function, as torch.no_grad
     """Compress what compiled regions save for backward, inside their graphs, in this block.
 
     ``mode``: ``"lossless"`` (no inline hooks: compiled graphs stay exactly as they are),
     ``"2:1"``, ``"4:1"``, ``"8:1"``. ``eager_hooks``: a ``(pack, unpack)``
     pair for tensors saved by code that runs eagerly inside the block (graph breaks, uncompiled
     parts); without it they are kept as they are. Backward may run after the block exits.
-    Yields the validated ``InlineOptions``.
+    ``with`` yields the validated ``InlineOptions``.
+
+    A class, not a generator: a block a thread never exits (``enable_compression`` in a thread
+    that ends) must not be closed later by the garbage collector on another thread, where popping
+    saved-tensor hooks would hit that thread's own stack.
     """
-    opts = InlineOptions(mode=mode, min_numel=min_numel, group_size=group_size)
-    if eager_hooks is not None and (len(eager_hooks) != 2 or not all(callable(h) for h in eager_hooks)):
-        raise ValueError(f"eager_hooks={eager_hooks!r} is not valid; allowed: None or a (pack, unpack) pair of callables")
-    if opts.mode == "lossless":
-        # Compiled graphs are left exactly as torch makes them (hooks that return their input
-        # unchanged still rename and reorder graph nodes, and Inductor may then fuse differently).
-        with (torch.autograd.graph.saved_tensors_hooks(*eager_hooks) if eager_hooks is not None
-              else contextlib.nullcontext()):
-            yield opts
-        return
-    pack_gm, unpack_gm = _hook_modules(opts)
-    previous = getattr(_local, "eager", None)
-    _local.eager = eager_hooks
-    try:
-        with torch._functorch.config.patch(saved_tensors_hooks_filtering_mode=FILTERING_MODE), \
-                torch.autograd.graph.saved_tensors_hooks(pack_gm, unpack_gm):
-            yield opts
-    finally:
-        _local.eager = previous
+
+    def __init__(self, mode: str = "4:1", *, min_numel: int = 4096, group_size: int | None = None,
+                 eager_hooks: tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]] | None = None
+                 ) -> None:
+        self.options = InlineOptions(mode=mode, min_numel=min_numel, group_size=group_size)
+        if eager_hooks is not None and (len(eager_hooks) != 2 or not all(callable(h) for h in eager_hooks)):
+            raise ValueError(
+                f"eager_hooks={eager_hooks!r} is not valid; allowed: None or a (pack, unpack) pair of callables")
+        self._eager_hooks = eager_hooks
+        self._contexts: list | None = None
+        self._previous_eager: Any = None
+
+    def __enter__(self) -> InlineOptions:
+        if self._contexts is not None:
+            raise RuntimeError("this ciuic.compiled.inline block is already active")
+        opts, eager = self.options, self._eager_hooks
+        if opts.mode == "lossless":
+            # Compiled graphs are left exactly as torch makes them (hooks that return their input
+            # unchanged still rename and reorder graph nodes, and Inductor may then fuse differently).
+            contexts = [torch.autograd.graph.saved_tensors_hooks(*eager)] if eager is not None else []
+        else:
+            pack_gm, unpack_gm = _hook_modules(opts)
+            contexts = [torch._functorch.config.patch(saved_tensors_hooks_filtering_mode=FILTERING_MODE),
+                        torch.autograd.graph.saved_tensors_hooks(pack_gm, unpack_gm)]
+            self._previous_eager = getattr(_local, "eager", None)
+            _local.eager = eager
+        entered = []
+        try:
+            for context in contexts:
+                context.__enter__()
+                entered.append(context)
+        except BaseException:
+            self._unwind(entered, None, None, None)
+            raise
+        self._contexts = entered
+        return opts
+
+    def __exit__(self, *exc: Any) -> None:
+        contexts, self._contexts = self._contexts, None
+        if contexts is not None:
+            self._unwind(contexts, *exc)
+
+    def _unwind(self, contexts: list, *exc: Any) -> None:
+        try:
+            for context in reversed(contexts):
+                context.__exit__(*exc)
+        finally:
+            if self.options.mode != "lossless":
+                _local.eager = self._previous_eager
