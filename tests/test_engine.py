@@ -348,18 +348,22 @@ def test_4to1_sdpa_non_contiguous_qkv(fused, dropout, dtype):
 # MultiheadAttention's q, k, v are slices of one in_proj output
 @pytest.mark.parametrize("need_weights", [False, True], ids=["need_weights=False", "need_weights=True"])
 def test_4to1_multihead_attention(need_weights):
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = nn.Linear(64, 64)
-            self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
-
-        def forward(self, x):
-            h = self.proj(x)
-            return self.attn(h, h, h, need_weights=need_weights)[0]
-
     x = _randn(2, 64, 64)
-    compare(Model, lambda m: m(x).square().mean()).check()
+    compare(lambda: ProjectedAttention(need_weights), lambda m: m(x).square().mean()).check()
+
+
+class ProjectedAttention(nn.Module):
+    """A linear layer feeding ``nn.MultiheadAttention`` (one composite op to the tracker)."""
+
+    def __init__(self, need_weights: bool) -> None:
+        super().__init__()
+        self.need_weights = need_weights
+        self.proj = nn.Linear(64, 64)
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.attn(h, h, h, need_weights=self.need_weights)[0]
 
 
 def _conv_net(size: int) -> nn.Module:
