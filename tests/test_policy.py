@@ -78,6 +78,24 @@ def test_more_sensitive_tensors_get_more_bits():
     assert plan.levels[("a",)] > plan.levels[("b",)] or plan.levels[("a",)] == EXACT
 
 
+def test_ties_are_broken_by_the_order_sites_were_saved_in():
+    """Identical sites (a graph's repeated layers): which ones go to lower precision must depend
+    only on their order, so planning the same graph twice gives the same plan. With the budget
+    for half of them at 4 bits, the first half (in order) is downgraded."""
+    def sites(order):  # made in one order (object ids follow it), listed in another
+        made = {i: Site(key=("layer", i), cls="linear_input", module=f"layer{i}", numel=GROUP * 256,
+                        element_size=2, group_ranges_sq_sum=256.0, gradient_weight=1.0) for i in range(n)}
+        return [made[i] for i in order]
+
+    n = 8
+    one = sites(range(n))[0]
+    budget = n // 2 * one.cost(4, GROUP) + (n - n // 2) * one.cost(8, GROUP)
+    for order in (list(range(n)), list(reversed(range(n)))):
+        plans = [solve(sites(order), budget, GROUP).levels for _ in range(3)]
+        assert plans[0] == plans[1] == plans[2]
+        assert [plans[0][("layer", i)] for i in order] == [4] * (n // 2) + [8] * (n - n // 2), plans[0]
+
+
 def test_small_problem_matches_brute_force_budget_feasibility():
     sites = _sites(n=6, seed=5)
     exact = sum(s.cost(EXACT, GROUP) for s in sites)

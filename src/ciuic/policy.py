@@ -195,6 +195,9 @@ def solve(sites: list[Site], budget_bytes: float, group_size: int) -> Plan:
     from trading many exact tensors against a few 2-bit ones when the budget does not need it.
     """
     index: dict = {}
+    # Ties are broken by the sites' order (the order they were saved in), never by object ids:
+    # the same graph or model must get the same plan every time it is planned.
+    order = {s.key: position for position, s in enumerate(sites)}
     for s in sites:
         allowed = s.levels()
         index[s.key] = 1 if len(allowed) > 1 and allowed[0] == EXACT else 0
@@ -213,7 +216,7 @@ def solve(sites: list[Site], budget_bytes: float, group_size: int) -> Plan:
             saved = site.cost(cur, group_size) - site.cost(nxt, group_size)
             if saved > 0:
                 added = site.sensitivity(nxt, group_size) - site.sensitivity(cur, group_size)
-                heapq.heappush(heap, (max(added, 0.0) / saved, id(site), site))
+                heapq.heappush(heap, (max(added, 0.0) / saved, order[site.key], site))
 
         for s in sites:
             push(s)
@@ -231,7 +234,7 @@ def solve(sites: list[Site], budget_bytes: float, group_size: int) -> Plan:
             if index[s.key] == 1:  # quantized now, exact allowed
                 added = s.cost(EXACT, group_size) - s.cost(level[s.key], group_size)
                 removed = s.sensitivity(level[s.key], group_size)
-                upgrades.append((-removed / max(added, 1), id(s), s, added))
+                upgrades.append((-removed / max(added, 1), order[s.key], s, added))
         upgrades.sort(key=lambda u: u[:2])
         for _, _, site, added in upgrades:
             if total + added <= budget_bytes:
