@@ -149,6 +149,24 @@ def test_reference_in_chunks_matches_triton(monkeypatch, bits, rounding):
         assert_bitwise_equal(quant.decode(ref, backend="torch"), quant.decode(ref, backend="triton"), "decode")
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"bits={b}")
+def test_cpu_fast_path_equals_the_branch_free_path(monkeypatch, bits):
+    """On CPU, chunks without NaN/Inf take a shorter path (switched by ``_BRANCH_ON_CPU_DATA``); it
+    must give the bits of the branch-free path (checked against the kernel above) on normal data,
+    huge finite values, and groups whose range overflows fp32 (an infinite step: decodes to NaN)."""
+    spec = QuantSpec(bits=bits, rounding="stochastic" if bits == 2 else "nearest")
+    cases = [make_input((3, 1000), torch.bfloat16, seed=1), make_input((777,), torch.float32, seed=2) * 1e36,
+             torch.tensor([-3e38, 3e38] * 64 + [1.0] * 64)]
+    for x in cases:
+        fast = quant.encode(x, spec, seed=9, backend="torch")
+        fast_out = quant.decode(fast, backend="torch")
+        monkeypatch.setattr(quant, "_BRANCH_ON_CPU_DATA", False)
+        plain = quant.encode(x, spec, seed=9, backend="torch")
+        assert_packed_equal(fast, plain)
+        assert_bitwise_equal(fast_out, quant.decode(plain, backend="torch"), "decode")
+        monkeypatch.setattr(quant, "_BRANCH_ON_CPU_DATA", True)
+
+
 @needs_triton
 def test_triton_matches_reference_extreme_ranges():
     # Tiny (subnormal-range) groups, huge fp32 values and constant groups next to wide ones.

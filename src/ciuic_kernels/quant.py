@@ -174,8 +174,9 @@ def _unpack_codes(payload: torch.Tensor, bits: int) -> torch.Tensor:
 @torch.no_grad()  # a pack must not keep an autograd graph (and x) alive
 def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
     """Quantize ``x`` with pure PyTorch ops (vectorized over groups, in cache-sized chunks of groups
-    on CPU; no Python loop over elements, no host sync: the same work whether or not ``x`` holds
-    NaN/Inf)."""
+    on CPU; no Python loop over elements). Off CPU it makes no host sync (the same work whether or
+    not ``x`` holds NaN/Inf); on CPU, where a host read is free, a chunk without NaN/Inf takes a
+    shorter path to the same bits."""
     _check_arguments(x, spec, seed)
     flat = x.reshape(-1)
     n = flat.numel()
@@ -306,8 +307,10 @@ def _decode_groups(payload: torch.Tensor, minimum: torch.Tensor, scale_bits: tor
     qg = q.view(num_groups, group)
     # On CPU a host read is free: with no flagged group there are no reserved codes, and
     # mn_b + q * s of finite operands is never NaN, so no canonical-NaN pass either (and the codes
-    # are not read again: the arithmetic runs in their buffer).
-    if _BRANCH_ON_CPU_DATA and payload.device.type == "cpu" and not bool(flagged.any()):
+    # are not read again: the arithmetic runs in their buffer). A group whose range overflowed
+    # fp32 has an infinite step (0 * inf is NaN): it takes the general path.
+    if _BRANCH_ON_CPU_DATA and payload.device.type == "cpu" and not bool(
+            flagged.any() | ~torch.isfinite(s).all()):
         return qg.mul_(s[:, None]).add_(mn_b[:, None]).view(-1)[:n].to(dtype)
     # mul then add, two roundings like the kernel (fp fusion is off there).
     x_hat = qg * s[:, None]
