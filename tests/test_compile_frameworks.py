@@ -111,6 +111,16 @@ def _lightning_fit(strategy: str) -> dict:
     return module.record
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """HF ``TrainingArguments(torch_compile=True)`` and accelerate's dynamo plugin export
+    ``ACCELERATE_DYNAMO_*``: every later ``Accelerator`` in the process would compile its model."""
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 def test_lightning_compiled_module_under_ciuic_strategy() -> None:
     base = _lightning_fit("auto")
     ours = _lightning_fit("ciuic")  # the default mode, 4:1
