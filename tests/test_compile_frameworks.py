@@ -114,11 +114,17 @@ def _lightning_fit(strategy: str) -> dict:
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """HF ``TrainingArguments(torch_compile=True)`` and accelerate's dynamo plugin export
-    ``ACCELERATE_DYNAMO_*``: every later ``Accelerator`` in the process would compile its model."""
+    ``ACCELERATE_DYNAMO_*`` and leave a process-wide ``AcceleratorState`` holding the dynamo
+    plugin: every later ``Accelerator`` in the process would compile its model."""
     environ = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(environ)
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_lightning_compiled_module_under_ciuic_strategy() -> None:
