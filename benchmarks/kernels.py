@@ -8,7 +8,9 @@ the report records:
 * ``registers``, ``spill_store_bytes``/``spill_load_bytes``, ``stack_bytes`` (from ``ptxas -v`` on the
   PTX, with the same flags Triton uses) and ``shared_bytes`` (Triton's metadata);
 * the global memory accesses of one program, from the TTIR ``tt.load``/``tt.store`` ops (shape and
-  element type), and ``bytes_per_element`` = their bytes / the elements one program handles;
+  element type; an access inside an ``scf.for`` with constant bounds counts once per iteration, a
+  loop with run-time bounds is a report error), and ``bytes_per_element`` = their bytes / the
+  elements one program handles;
 * vectorisation: the ``ld.global``/``st.global`` instructions of the PTX by width. The *main*
   accesses are the per-element ones (tiles at least 1/8 the size of the largest one; per-group
   metadata is smaller); they are vectorised when the PTX moves at least their bits per thread in
@@ -20,8 +22,8 @@ returning one) of dicts: ``kernel`` (the jit function), ``signature`` (argument 
 string: ``"*fp32"``, ``"*u8"``, ``"i32"``, ``"fp32"``, ``"constexpr"``), ``constexprs`` (name ->
 value), ``name`` (a readable label), optionally ``num_warps``, ``enable_fp_fusion`` / ``options``
 (compile options), ``divisible`` (integer arguments compiled as multiples of 16, the variant
-Triton's run-time specialisation picks when they are), ``elements`` (input elements per program;
-default: the largest tile),
+Triton's run-time specialisation picks when they are), ``elements`` (input elements per program,
+all its loop iterations together; default: the largest tile),
 ``pair`` (label(s) joining an encode with its decode) and ``min_bytes_per_element`` (the one-pass
 minimum of the pair). Every ``JITFunction`` a module defines must be a configured kernel or be
 called (directly or not) by one; otherwise the report fails.
@@ -195,21 +197,51 @@ def _ptxas_stats(ptx: str, arch: int, fp_fusion: bool) -> dict:
 
 
 _TTIR_ACCESS = re.compile(r"\btt\.(load|store)\b.*:\s*(tensor<([0-9x]+)x!tt\.ptr<(\w+)>>|!tt\.ptr<(\w+)>)")
+_TTIR_CONSTANT = re.compile(r"^\s*(%[\w.$-]+)\s*=\s*arith\.constant\s+(-?\d+)\s*:\s*(?:i\d+|index)\b")
+_TTIR_FOR = re.compile(r"\bscf\.for\s+%[\w.$-]+\s*=\s*(%[\w.$-]+)\s+to\s+(%[\w.$-]+)\s+step\s+(%[\w.$-]+)")
+
+
+class UncountedLoop(ValueError):
+    """A TTIR loop whose trip count is not a compile-time constant: its accesses cannot be counted."""
 
 
 def _ttir_accesses(ttir: str) -> list[dict]:
+    """The loads and stores one program executes: every TTIR ``tt.load``/``tt.store``, times the trip
+    counts of the ``scf.for`` loops around it (constant bounds, e.g. a ``range(CONSTEXPR)``; a loop
+    with run-time bounds raises ``UncountedLoop``)."""
     out = []
+    constants: dict[str, int] = {}
+    depth = 0
+    loops: list[tuple[int, int]] = []  # (brace depth inside the loop body, trip count)
     for line in ttir.splitlines():
-        m = _TTIR_ACCESS.search(line)
-        if not m:
-            continue
-        kind, _, shape, tensor_type, scalar_type = m.groups()
-        numel = 1
-        if shape:
-            for d in shape.split("x"):
-                numel *= int(d)
-        elem = tensor_type or scalar_type
-        out.append({"kind": kind, "numel": numel, "bits": _ELEMENT_BITS.get(elem, 32), "type": elem, "tensor": bool(shape)})
+        code = line.split(" loc(")[0]
+        c = _TTIR_CONSTANT.match(code)
+        if c:
+            constants[c.group(1)] = int(c.group(2))
+        f = _TTIR_FOR.search(code)
+        if f:
+            lower, upper, step = (constants.get(v) for v in f.groups())
+            if lower is None or upper is None or step is None or step <= 0:
+                raise UncountedLoop(f"loop with a run-time trip count: {code.strip()}")
+            trips = max(0, -(-(upper - lower) // step))
+        m = _TTIR_ACCESS.search(code)
+        if m:
+            kind, _, shape, tensor_type, scalar_type = m.groups()
+            numel = 1
+            if shape:
+                for d in shape.split("x"):
+                    numel *= int(d)
+            elem = tensor_type or scalar_type
+            times = 1
+            for _, t in loops:
+                times *= t
+            out.append({"kind": kind, "numel": numel, "bits": _ELEMENT_BITS.get(elem, 32), "type": elem,
+                        "tensor": bool(shape), "times": times})
+        depth += code.count("{") - code.count("}")
+        if f:
+            loops.append((depth, trips))
+        while loops and depth < loops[-1][0]:
+            loops.pop()
     return out
 
 
@@ -258,12 +290,16 @@ def compile_one(config: dict, arch: int) -> dict:
     result["shared_bytes"] = int(compiled.metadata.shared)
     result["compile_seconds"] = round(time.perf_counter() - start, 2)
 
-    accesses = _ttir_accesses(compiled.asm["ttir"])
+    try:
+        accesses = _ttir_accesses(compiled.asm["ttir"])
+    except UncountedLoop as error:
+        result["error"] = f"{type(error).__name__}: {error}"
+        return result
     threads = result["num_warps"] * 32
     largest = max((a["numel"] for a in accesses if a["tensor"]), default=1)
     elements = config.get("elements", largest)
     main = [a for a in accesses if a["tensor"] and a["numel"] * 8 >= largest]
-    moved = sum(a["numel"] * a["bits"] / 8 for a in accesses)
+    moved = sum(a["numel"] * a["bits"] / 8 * a["times"] for a in accesses)
     result["bytes_per_program"] = moved
     result["elements_per_program"] = elements
     result["bytes_per_element"] = round(moved / elements, 4)

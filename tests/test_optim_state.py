@@ -161,6 +161,43 @@ def test_reference_in_chunks_equals_triton_kernel(monkeypatch, bits, block):
 
 
 @needs_triton
+@pytest.mark.parametrize("bits,block", [(8, 256), (4, 128)], ids=lambda v: str(v))
+@pytest.mark.parametrize("min_programs,tiles", [(1, 8), (3, 4)])
+def test_triton_kernel_with_several_tiles_per_program_equals_reference(monkeypatch, bits, block, min_programs,
+                                                                       tiles):
+    """Programs that loop over several tiles (maps loaded once): 20 tiles and a partial one, so the
+    last program has a partial tile and tiles wholly past the end; odd size (half a 4-bit byte);
+    bf16 with and without stochastic rounding, Triton == reference bit for bit."""
+    monkeypatch.setattr(ops, "_MIN_PROGRAMS", min_programs)
+    n = 20 * ops._TILE + 1061
+    assert ops._tiles_per_program(bits, n) == tiles
+    assert ops.num_blocks(n, ops._TILE * tiles) * tiles * ops._TILE - n > ops._TILE  # idle tiles in the last program
+    names = {c["name"] for c in ops.AOT_CONFIGS()}
+    assert f"adamw_update[bits={bits},block={block},tiles={tiles},bf16,sr]" in names
+    g = torch.Generator().manual_seed(zlib.crc32(repr((bits, tiles)).encode()))
+    p = torch.randn(n, generator=g).bfloat16()
+    grad = (torch.randn(n, generator=g) * 3).bfloat16()
+    state = _state(n, bits, block, g)
+    for stochastic in (False, True):
+        ref = _run("torch", p, grad, state, bits, block, stochastic)
+        tri = _run("triton", p, grad, state, bits, block, stochastic)
+        for name, a, e in zip(["param", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"], tri, ref):
+            assert_bitwise_equal(a, e, f"{name} (stochastic={stochastic})")
+
+
+def test_tiles_per_program_follow_the_element_count():
+    tile = ops._TILE
+    assert ops._tiles_per_program(32, 1 << 30) == 1  # fp32 moments: no maps to amortise
+    for bits in (8, 4):
+        assert ops._tiles_per_program(bits, 1) == 1
+        assert ops._tiles_per_program(bits, (2 * ops._MIN_PROGRAMS - 1) * tile) == 1
+        assert ops._tiles_per_program(bits, 2 * ops._MIN_PROGRAMS * tile) == 2
+        assert ops._tiles_per_program(bits, 4 * ops._MIN_PROGRAMS * tile) == 4
+        assert ops._tiles_per_program(bits, 8 * ops._MIN_PROGRAMS * tile) == 8
+        assert ops._tiles_per_program(bits, 1 << 34) == 8
+
+
+@needs_triton
 def test_triton_kernel_equals_reference_with_nonfinite_and_fp32_grad_for_bf16():
     g = torch.Generator().manual_seed(3)
     p = torch.randn(300, generator=g).bfloat16()
@@ -228,8 +265,11 @@ def test_aot_configs_cover_every_launch():
     assert len(names) == len(configs)
     for bits in (8, 4):
         for block in ops.BLOCK_SIZES:
-            for dtype in ("fp32", "fp16", "bf16", "bf16,sr"):
-                assert f"adamw_update[bits={bits},block={block},{dtype}]" in names
+            for tiles in ops._TILES_PER_PROGRAM:
+                for dtype in ("fp32", "fp16", "bf16", "bf16,sr"):
+                    assert f"adamw_update[bits={bits},block={block},tiles={tiles},{dtype}]" in names
+    for dtype in ("fp32", "fp16", "bf16", "bf16,sr"):
+        assert f"adamw_update[bits=32,block={ops._TILE},tiles=1,{dtype}]" in names
     for c in configs:
         params = c["kernel"].arg_names
         assert set(c["signature"]) == set(params), c["name"]

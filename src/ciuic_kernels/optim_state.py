@@ -61,6 +61,13 @@ DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
 # 8-bit codes) or 64-bit ones (4-bit codes).
 _TILE = 2048
 _NUM_WARPS = 4
+# Tiles per program with quantized moments (each program loads the four maps/midpoint tables once,
+# 4 KiB at 8 bits and 256 B at 4 bits, then updates its tiles one after the other): the largest
+# of these that still leaves at least _MIN_PROGRAMS programs, about two waves of resident programs
+# on an H100 (132 SMs x 4 programs of 128 threads at <= 128 registers); small parameters keep one
+# tile per program. fp32 moments have no maps: always one tile.
+_TILES_PER_PROGRAM = (8, 4, 2, 1)
+_MIN_PROGRAMS = 1024
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,14 +392,14 @@ if triton_available():
         return tl.reshape(tl.gather(table, flat, 0), codes.shape)
 
     @triton.jit
-    def _load_moment(codes_ptr, scale_ptr, map_ptr, rows, offsets, mask, n, n_code_bytes, BITS: tl.constexpr,
+    def _load_moment(codes_ptr, scale_ptr, table, rows, offsets, mask, n, n_code_bytes, BITS: tl.constexpr,
                      BLOCK: tl.constexpr):
-        """Dequantized fp32 moment of the [ROWS, BLOCK] tile ``offsets`` (0 where masked)."""
+        """Dequantized fp32 moment of the [ROWS, BLOCK] tile ``offsets`` (0 where masked); ``table``:
+        the map the program holds."""
         if BITS == 32:
             x = tl.load(codes_ptr + offsets, mask=mask, other=0.0)
         else:
             scale = tl.load(scale_ptr + rows, mask=rows * BLOCK < n, other=0.0)
-            table = tl.load(map_ptr + tl.arange(0, 1 << BITS))
             if BITS == 8:
                 code = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
             else:  # byte j holds element 2j (low nibble) and 2j + 1 (high): tl.join stacks them in-thread
@@ -425,15 +432,15 @@ if triton_available():
         return pos
 
     @triton.jit
-    def _store_moment(codes_ptr, scale_ptr, mids_ptr, x, rows, offsets, mask, n, n_code_bytes, BITS: tl.constexpr,
+    def _store_moment(codes_ptr, scale_ptr, mids, x, rows, offsets, mask, n, n_code_bytes, BITS: tl.constexpr,
                       BLOCK: tl.constexpr):
-        """Quantize the [ROWS, BLOCK] tile ``x`` (masked elements are 0): per-row absmax scale, codes."""
+        """Quantize the [ROWS, BLOCK] tile ``x`` (masked elements are 0): per-row absmax scale, codes;
+        ``mids``: the midpoints the program holds."""
         if BITS == 32:
             tl.store(codes_ptr + offsets, x, mask=mask)
         else:
             absmax = tl.max(tl.where(tl.abs(x) < float("inf"), tl.abs(x), 0.0), axis=1)
             tl.store(scale_ptr + rows, absmax, mask=rows * BLOCK < n)
-            mids = tl.load(mids_ptr + tl.arange(0, 1 << BITS))
             code = _encode(x, tl.where(absmax > 0, absmax, 1.0), mids, BITS)
             if BITS == 8:
                 tl.store(codes_ptr + offsets, code.to(tl.uint8), mask=mask)
@@ -462,34 +469,55 @@ if triton_available():
         p_ptr, g_ptr, m_ptr, m_scale_ptr, v_ptr, v_scale_ptr,
         m_map_ptr, m_mids_ptr, v_map_ptr, v_mids_ptr,
         n, n_code_bytes, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps, k1, k2,
-        BITS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, P_BF16: tl.constexpr,
+        BITS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, P_BF16: tl.constexpr,
         G_BF16: tl.constexpr, STOCHASTIC: tl.constexpr,
     ):  # fmt: skip
-        """One program = a [ROWS, BLOCK] tile: ROWS quantization blocks of BLOCK contiguous elements
-        (at ``BITS=32`` just a tile). Each thread holds contiguous runs of a row, so the parameter,
-        gradient, moments and codes move in 64/128-bit accesses; the maps are loaded once per
-        program and indexed with ``tl.gather``."""
-        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        offsets = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
-        mask = offsets < n
-        p = _load_fp32(p_ptr, offsets, mask, P_BF16)
-        g = _load_fp32(g_ptr, offsets, mask, G_BF16)
-        m = _load_moment(m_ptr, m_scale_ptr, m_map_ptr, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
-        v = _load_moment(v_ptr, v_scale_ptr, v_map_ptr, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
-        p, m, v = _adam_math_triton(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
-                                    bc2_sqrt, eps)
-        _store_param(p_ptr, offsets, mask, p, k1, k2, P_BF16, STOCHASTIC)
-        if BITS != 32:  # elements past n stay out of the block statistics
-            m = tl.where(mask, m, 0.0)
-            v = tl.where(mask, v, 0.0)
-        _store_moment(m_ptr, m_scale_ptr, m_mids_ptr, m, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
-        _store_moment(v_ptr, v_scale_ptr, v_mids_ptr, v, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
+        """One program = TILES consecutive [ROWS, BLOCK] tiles, one after the other: each tile is ROWS
+        quantization blocks of BLOCK contiguous elements (at ``BITS=32`` just a tile). Each thread
+        holds contiguous runs of a row, so the parameter, gradient, moments and codes move in
+        64/128-bit accesses; the maps and midpoints are loaded once per program (before the loop over
+        its tiles) and indexed with ``tl.gather``."""
+        if BITS == 32:
+            m_map = 0.0  # unused: plain fp32 moments
+            m_mids = 0.0
+            v_map = 0.0
+            v_mids = 0.0
+        else:
+            m_map = tl.load(m_map_ptr + tl.arange(0, 1 << BITS))
+            m_mids = tl.load(m_mids_ptr + tl.arange(0, 1 << BITS))
+            v_map = tl.load(v_map_ptr + tl.arange(0, 1 << BITS))
+            v_mids = tl.load(v_mids_ptr + tl.arange(0, 1 << BITS))
+        first_tile = tl.program_id(0).to(tl.int64) * TILES
+        for t in range(TILES):
+            rows = (first_tile + t) * ROWS + tl.arange(0, ROWS)
+            offsets = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+            mask = offsets < n
+            p = _load_fp32(p_ptr, offsets, mask, P_BF16)
+            g = _load_fp32(g_ptr, offsets, mask, G_BF16)
+            m = _load_moment(m_ptr, m_scale_ptr, m_map, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
+            v = _load_moment(v_ptr, v_scale_ptr, v_map, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
+            p, m, v = _adam_math_triton(p, g, m, v, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
+                                        bc2_sqrt, eps)
+            _store_param(p_ptr, offsets, mask, p, k1, k2, P_BF16, STOCHASTIC)
+            if BITS != 32:  # elements past n stay out of the block statistics
+                m = tl.where(mask, m, 0.0)
+                v = tl.where(mask, v, 0.0)
+            _store_moment(m_ptr, m_scale_ptr, m_mids, m, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
+            _store_moment(v_ptr, v_scale_ptr, v_mids, v, rows, offsets, mask, n, n_code_bytes, BITS, BLOCK)
 
 
 def _launch_shape(bits: int, block_size: int) -> tuple[int, int]:
     """(BLOCK, ROWS) of a program's [ROWS, BLOCK] tile."""
     block = _TILE if bits == 32 else block_size
     return block, _TILE // block
+
+
+def _tiles_per_program(bits: int, numel: int) -> int:
+    """TILES of a launch over ``numel`` elements (one of ``_TILES_PER_PROGRAM``; 1 at 32 bits)."""
+    if bits == 32:
+        return 1
+    tiles = num_blocks(numel, _TILE)
+    return next(t for t in _TILES_PER_PROGRAM if t == 1 or tiles >= t * _MIN_PROGRAMS)
 
 
 def _kernel_dtype(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -523,12 +551,13 @@ def adamw_update_triton(param, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, ex
         v_map, v_mids = quantization_map(False, bits, dev)
         m_scale, v_scale = exp_avg_scale, exp_avg_sq_scale
     k1, k2 = seed_keys(seed)
-    grid = (num_blocks(n, _TILE),)
+    tiles = _tiles_per_program(bits, n)
+    grid = (num_blocks(n, _TILE * tiles),)
     _adamw_kernel[grid](
         p_arg, g_arg, exp_avg, m_scale, exp_avg_sq, v_scale, m_map, m_mids, v_map, v_mids,
         n, code_bytes(n, bits) if bits == 4 else n, s["one_minus_beta1"], s["beta2"], s["one_minus_beta2"],
         s["decay"], s["step_size"], s["bias_correction2_sqrt"], s["eps"], k1, k2,
-        BITS=bits, BLOCK=block, ROWS=rows, P_BF16=p_bf16, G_BF16=g_bf16,
+        BITS=bits, BLOCK=block, ROWS=rows, TILES=tiles, P_BF16=p_bf16, G_BF16=g_bf16,
         STOCHASTIC=bool(stochastic_round and p_bf16),
         num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )  # fmt: skip
@@ -574,38 +603,42 @@ _AOT_DTYPES = (  # (param pointer, grad pointer, param is bf16, grad is bf16, st
 
 
 def AOT_CONFIGS() -> list[dict]:
-    """Every (bits, block, dtype, rounding) the launcher can pick, for ``benchmarks/kernels.py``."""
+    """Every (bits, block, tiles per program, dtype, rounding) the launcher can pick, for
+    ``benchmarks/kernels.py``."""
     if not triton_available():
         return []
     configs = []
     for bits in STATE_BITS:
         blocks = (_TILE,) if bits == 32 else BLOCK_SIZES
+        tile_counts = (1,) if bits == 32 else tuple(sorted(_TILES_PER_PROGRAM))
         state = "*fp32" if bits == 32 else "*u8"
         scale = "*fp32"
         for block in blocks:
             _, rows = _launch_shape(bits, block)
-            for p_sig, g_sig, p_bf16, g_bf16, stochastic, name in _AOT_DTYPES:
-                signature = {
-                    "p_ptr": p_sig, "g_ptr": g_sig, "m_ptr": state, "m_scale_ptr": scale,
-                    "v_ptr": state, "v_scale_ptr": scale, "m_map_ptr": "*fp32", "m_mids_ptr": "*fp32",
-                    "v_map_ptr": "*fp32", "v_mids_ptr": "*fp32", "n": "i32", "n_code_bytes": "i32",
-                    "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "decay": "fp32",
-                    "step_size": "fp32", "bc2_sqrt": "fp32", "eps": "fp32", "k1": "i32", "k2": "i32",
-                    "BITS": "constexpr", "BLOCK": "constexpr", "ROWS": "constexpr", "P_BF16": "constexpr",
-                    "G_BF16": "constexpr", "STOCHASTIC": "constexpr",
-                }  # fmt: skip
-                configs.append({
-                    "kernel": _adamw_kernel,
-                    "signature": signature,
-                    "constexprs": {"BITS": bits, "BLOCK": block, "ROWS": rows, "P_BF16": p_bf16,
-                                   "G_BF16": g_bf16, "STOCHASTIC": stochastic},
-                    "name": f"adamw_update[bits={bits},block={block},{name}]",
-                    "num_warps": _NUM_WARPS,
-                    "enable_fp_fusion": False,
-                    "elements": _TILE,
-                    # the variant a launch gets when numel % 32 == 0 (masks then cover whole 64/128-bit runs)
-                    "divisible": ("n", "n_code_bytes"),
-                })  # fmt: skip
+            for tiles in tile_counts:
+                for p_sig, g_sig, p_bf16, g_bf16, stochastic, name in _AOT_DTYPES:
+                    signature = {
+                        "p_ptr": p_sig, "g_ptr": g_sig, "m_ptr": state, "m_scale_ptr": scale,
+                        "v_ptr": state, "v_scale_ptr": scale, "m_map_ptr": "*fp32", "m_mids_ptr": "*fp32",
+                        "v_map_ptr": "*fp32", "v_mids_ptr": "*fp32", "n": "i32", "n_code_bytes": "i32",
+                        "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "decay": "fp32",
+                        "step_size": "fp32", "bc2_sqrt": "fp32", "eps": "fp32", "k1": "i32", "k2": "i32",
+                        "BITS": "constexpr", "BLOCK": "constexpr", "ROWS": "constexpr", "TILES": "constexpr",
+                        "P_BF16": "constexpr", "G_BF16": "constexpr", "STOCHASTIC": "constexpr",
+                    }  # fmt: skip
+                    configs.append({
+                        "kernel": _adamw_kernel,
+                        "signature": signature,
+                        "constexprs": {"BITS": bits, "BLOCK": block, "ROWS": rows, "TILES": tiles, "P_BF16": p_bf16,
+                                       "G_BF16": g_bf16, "STOCHASTIC": stochastic},
+                        "name": f"adamw_update[bits={bits},block={block},tiles={tiles},{name}]",
+                        "num_warps": _NUM_WARPS,
+                        "enable_fp_fusion": False,
+                        # the elements one program covers: its loads/stores inside the tile loop run TILES times
+                        "elements": _TILE * tiles,
+                        # the variant a launch gets when numel % 32 == 0 (masks then cover whole 64/128-bit runs)
+                        "divisible": ("n", "n_code_bytes"),
+                    })  # fmt: skip
     return configs
 
 
