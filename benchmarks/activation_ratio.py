@@ -220,6 +220,8 @@ def _measured_forward(workload: Workload, optimizer: torch.optim.Optimizer, dtyp
     """One forward inside ``context``. Returns (heap bytes the graph held, ``after_forward()``)."""
     optimizer.zero_grad(set_to_none=True)
     check = meter.available()
+    if check:
+        ciuic.empty_pool()  # buffers earlier steps left in ciuic's pack pool must not be freed mid-measure
     # autocast's weight-cast cache is freed when autocast exits, before the heap is read
     with context, _autocast(workload.device, dtype):
         loss = workload.loss()
@@ -229,6 +231,7 @@ def _measured_forward(workload: Workload, optimizer: torch.optim.Optimizer, dtyp
     optimizer.zero_grad(set_to_none=True)
     del loss
     if check:
+        ciuic.empty_pool()  # this forward's freed packs wait in the pool: hand them back first
         held -= meter()
     return held, seen
 

@@ -51,8 +51,10 @@ def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 
 def run(budget: int | None, *, steps: int, batch: int, seq: int, lr: float, seed: int, eval_batches: int,
-        data: tuple, progress=None) -> dict:
-    """One training run: ``budget`` percent (``mode="auto"``) or None for the uncompressed baseline."""
+        data: tuple, progress=None, eval_seed: int | None = None) -> dict:
+    """One training run: ``budget`` percent (``mode="auto"``) or None for the uncompressed baseline.
+    ``seed`` sets the initial weights and the batches; the held-out batches come from ``eval_seed``
+    (default: ``seed``)."""
     train, held_out = data
     model = tiny_llama(seed=seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -91,7 +93,7 @@ def run(budget: int | None, *, steps: int, batch: int, seq: int, lr: float, seed
             progress(step, value)
     record["seconds"] = time.perf_counter() - start
     model.eval()
-    eval_generator = torch.Generator().manual_seed(10_000 + seed)
+    eval_generator = torch.Generator().manual_seed(10_000 + (seed if eval_seed is None else eval_seed))
     with torch.no_grad():
         losses = [float(_loss(model, *get_batch(held_out, batch, seq, eval_generator))) for _ in range(eval_batches)]
     record["eval_loss"] = sum(losses) / len(losses)
@@ -129,6 +131,30 @@ def _report():
 
 def _mib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.2f}"
+
+
+def trend_within_noise(base_loss: float, noise: list[float], runs: list[dict]) -> dict:
+    """Does the eval loss degrade monotonically (within noise) as the budget shrinks? Noise =
+    the standard deviation of the uncompressed eval loss over seeds (``base_loss`` and ``noise``).
+    Monotone within noise: going to each smaller budget, the loss never drops by more than 2 sigma.
+    Also: the budgets whose loss is more than 2 sigma above the uncompressed run."""
+    losses = [base_loss] + list(noise)
+    if len(losses) < 2:
+        return {"sigma": None, "monotone": None, "worse_than_uncompressed": [],
+                "text": "no noise estimate (--noise-seeds 0): trend not judged"}
+    mean = sum(losses) / len(losses)
+    sigma = (sum((v - mean) ** 2 for v in losses) / (len(losses) - 1)) ** 0.5
+    ordered = sorted(runs, key=lambda r: -r["budget_percent"])  # largest budget first
+    drops = [(a["budget_percent"], b["budget_percent"], a["eval_loss"] - b["eval_loss"])
+             for a, b in zip(ordered, ordered[1:])]
+    monotone = all(d <= 2 * sigma for _, _, d in drops)
+    worse = [r["budget_percent"] for r in runs if r["eval_loss"] - base_loss > 2 * sigma]
+    spread = f"{min(losses):.4f}..{max(losses):.4f}"
+    text = (f"uncompressed eval loss over {len(losses)} seeds: {spread} (sigma {sigma:.4f}); "
+            f"monotone within 2 sigma as the budget shrinks: {'yes' if monotone else 'NO'}; "
+            f"budgets more than 2 sigma worse than uncompressed: {worse or 'none'}")
+    return {"sigma": sigma, "seed_losses": losses, "monotone": monotone, "worse_than_uncompressed": worse,
+            "drops": drops, "text": text}
 
 
 def print_table(baseline: dict, runs: list[dict]) -> None:
@@ -214,6 +240,9 @@ def markdown(report: dict) -> str:
             f"{row['eval_loss'] / base['eval_loss'] - 1:+.2%} | {bits} |")
     verdict = "yes" if report["all_met_within_budget"] else "NO"
     lines += ["", f"Kept <= budget at every budget the report says is met: **{verdict}**."]
+    trend = report.get("trend")
+    if trend:
+        lines += ["", f"Loss against noise: {trend['text']}."]
     return "\n".join(lines)
 
 
@@ -232,6 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-batches", type=int, default=20)
+    parser.add_argument("--noise-seeds", type=int, default=3,
+                        help="rerun the uncompressed baseline from this many other seeds (weights and batches; "
+                             "same held-out batches): the seed-to-seed spread of the eval loss is the noise the "
+                             "trend over budgets is judged against")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "budget_sweep"), help="path without extension")
     parser.add_argument("--markdown", action="store_true",
@@ -273,12 +306,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     print("uncompressed", flush=True)
     baseline = run(None, progress=progress("uncompressed"), **settings)
+    noise = []  # the uncompressed run again from other seeds: how far eval losses move by chance
+    for k in range(1, args.noise_seeds + 1):
+        print(f"uncompressed, seed {args.seed + k}", flush=True)
+        noise.append(run(None, progress=progress(f"seed {args.seed + k}"),
+                         **{**settings, "seed": args.seed + k}, eval_seed=args.seed)["eval_loss"])
     runs = []
     for budget in budgets:
         print(f"budget {budget}%", flush=True)
         runs.append(run(budget, progress=progress(f"{budget}%"), **settings))
     print()
     print_table(baseline, runs)
+    trend = trend_within_noise(baseline["eval_loss"], noise, runs)
+    print(f"\n{trend['text']}")
     failures = [r["budget_percent"] for r in runs if r["met"] and not r["kept_within_budget"]]
     print(f"\nkept <= budget wherever the report says met: {'yes' if not failures else 'NO at ' + str(failures)}")
     for r in runs:
@@ -307,6 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
         "uncompressed_bytes": baseline["meter_bytes"],
         "baseline_eval_loss": baseline["eval_loss"],
         "all_met_within_budget": not failures,
+        "noise_eval_losses": noise,
+        "trend": trend,
         "summary": summary,
         "runs": {"uncompressed": baseline, **{f"{r['budget_percent']}%": r for r in runs}},
         "seconds": time.perf_counter() - start,

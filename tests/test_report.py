@@ -65,6 +65,7 @@ class _Llama:
         """(heap bytes the graph held after the forward, ``after_forward()``); as
         benchmarks/activation_ratio.py: read after forward, then once backward freed the graph."""
         self.optimizer.zero_grad(set_to_none=True)
+        ciuic.empty_pool()  # buffers earlier steps left in ciuic's pack pool must not be freed mid-measure
         with context:
             loss = self.loss()
         seen = after_forward()
@@ -73,6 +74,7 @@ class _Llama:
         self.optimizer.zero_grad(set_to_none=True)
         del loss
         if held is not None:
+            ciuic.empty_pool()  # this forward's freed packs wait in the pool: hand them back first
             held -= heap_bytes()
         return held, seen
 

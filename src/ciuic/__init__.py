@@ -65,12 +65,23 @@ def enable_compression(mode: Any = "4:1", *, model: Any = None, **options: Any) 
 
 
 def disable_compression() -> None:
-    """Undo ``enable_compression`` for the calling thread (packs already made still unpack)."""
+    """Undo ``enable_compression`` for the calling thread (packs already made still unpack), and
+    free the pack buffers waiting in the pool (``empty_pool()``)."""
     st = _state()
     engine = st.global_engine
     if engine is not None:
         engine.__exit__(None, None, None)  # raises (and changes nothing) inside a compression() block
         st.global_engine = None
+        empty_pool()
+
+
+def empty_pool() -> None:
+    """Free the pack buffers waiting in ciuic's pack pool for the next forward (see
+    ``CompressionConfig.pool``); buffers of packs still alive stay theirs. Like
+    ``torch.cuda.empty_cache()``, for when training is over or memory is needed elsewhere."""
+    from ciuic_kernels._pool import clear_all
+
+    clear_all()
 
 
 def is_enabled() -> bool:
@@ -172,6 +183,7 @@ __all__ = [
     "compression",
     "current_config",
     "disable_compression",
+    "empty_pool",
     "enable_compression",
     "enable_from_env",
     "is_enabled",

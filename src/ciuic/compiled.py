@@ -592,8 +592,13 @@ class _HookModule(torch.fx.GraphModule):
     hook is called for every saved tensor, and global module hooks (the eager engine's, which name
     the running module) must not see a "GraphModule" around the tensor being packed."""
 
-    def __init__(self, traced: torch.fx.GraphModule) -> None:
-        super().__init__(traced, traced.graph)
+    def __init__(self, name: str, fn: Any, consts: tuple) -> None:
+        # The graph is written node by node, not traced: torch.fx.symbolic_trace patches
+        # nn.Module.__call__ for the whole process while it runs, which breaks the forward of
+        # every other thread (one thread entering compression while another trains).
+        graph = torch.fx.Graph()
+        graph.output(graph.call_function(fn, (graph.placeholder(name), *consts)))
+        super().__init__(torch.nn.Module(), graph)
 
     def __call__(self, *args: Any) -> Any:
         return self.forward(*args)
@@ -601,16 +606,8 @@ class _HookModule(torch.fx.GraphModule):
 
 @functools.lru_cache(maxsize=None)
 def _hook_modules(opts: InlineOptions) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    mode, min_numel, group_size = opts.mode, opts.min_numel, opts.group_size
-
-    def pack(x):  # noqa: ANN001, ANN202 - traced by torch.fx
-        return _ciuic_inline_pack(x, mode, min_numel, group_size)
-
-    def unpack(packed):  # noqa: ANN001, ANN202
-        return _ciuic_inline_unpack(packed)
-
-    pack_gm = _HookModule(torch.fx.symbolic_trace(pack))
-    unpack_gm = _HookModule(torch.fx.symbolic_trace(unpack))
+    pack_gm = _HookModule("x", _ciuic_inline_pack, (opts.mode, opts.min_numel, opts.group_size))
+    unpack_gm = _HookModule("packed", _ciuic_inline_unpack, ())
     # No user_cache_hash on the wrapped calls: AOTAutograd then bypasses its cache for graphs with
     # these hooks, so every compilation plans its saved nodes afresh (``decisions`` stays truthful,
     # and a changed ciuic can never be served a stale plan). Inductor's own cache still applies.

@@ -101,6 +101,12 @@ class CompressionConfig:
         compression makes (``expandable_segments:True`` in ``PYTORCH_CUDA_ALLOC_CONF``, merged with
         what the user set) when compression is enabled before CUDA is initialised; see
         ``ciuic.memory.configure_allocator``. ``False`` leaves the allocator alone.
+    pool: take the memory of packs from ciuic's pack pool (``ciuic_kernels._pool``): a pack freed in
+        backward leaves its buffer for a pack of the same size in the next forward, so a
+        fixed-shape training step allocates nothing new for packs from its third step on
+        (``ciuic.stats().pool`` counts allocations and reuses). Buffers nobody takes during a whole
+        pass are freed; ``ciuic.empty_pool()`` frees every waiting one. ``False``: every pack is
+        allocated from torch and freed when it dies.
     """
 
     mode: str = "4:1"
@@ -113,6 +119,7 @@ class CompressionConfig:
     lean_lm_head: bool = True
     seed: int = 0
     allocator: bool = True
+    pool: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -142,6 +149,8 @@ class CompressionConfig:
             raise ValueError(f"lean_lm_head={self.lean_lm_head!r} is not valid; allowed: True, False")
         if not isinstance(self.allocator, bool):
             raise ValueError(f"allocator={self.allocator!r} is not valid; allowed: True, False")
+        if not isinstance(self.pool, bool):
+            raise ValueError(f"pool={self.pool!r} is not valid; allowed: True, False")
 
     @property
     def target_ratio(self) -> float | None:

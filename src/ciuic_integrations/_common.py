@@ -163,6 +163,9 @@ class CompressionSession:
         self._engine = None
         while self._undo:
             self._undo.pop()()
+        import ciuic
+
+        ciuic.empty_pool()  # training is over: the pack buffers kept for the next step are not needed
 
     def __getstate__(self) -> dict:
         # Strategies are pickled by spawn launchers; an engine holds hooks and is rebuilt lazily.

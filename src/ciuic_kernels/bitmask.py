@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from ._backend import pick, triton_available
 from ._packed import Packed
+from ._pool import adopt, empty_many
 from ._settings import NUM_WARPS, TILE_ELEMENTS
 from .specs import BitmaskSpec
 
@@ -110,6 +111,10 @@ def encode_reference(x: torch.Tensor, spec: BitmaskSpec, *, seed: int = 0) -> Pa
             _check_two_valued(flat, value)
     bits = F.pad(nonzero, (0, -n % 8)).view(-1, 8)
     payload = (bits << _bit_weights(x.device)).sum(dim=1, dtype=torch.uint8)  # <= 255: no overflow
+    if value is not None:
+        payload, value = adopt(payload, value)  # into a pooled buffer when the engine lends one
+    else:
+        (payload,) = adopt(payload)
     return _packed(x, payload, value)
 
 
@@ -189,8 +194,11 @@ def encode_triton(x: torch.Tensor, spec: BitmaskSpec, *, seed: int = 0) -> Packe
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     n_bytes = -(-n // 8)
-    payload = torch.empty(n_bytes, dtype=torch.uint8, device=x.device)
     is_bool = flat.dtype == torch.bool
+    if is_bool:
+        (payload,) = empty_many([(n_bytes, torch.uint8)], x.device)
+    else:
+        payload, value_slot = empty_many([(n_bytes, torch.uint8), (1, flat.dtype)], x.device)
     first = torch.full((1,), n, dtype=torch.int64, device=x.device)
     if n:
         _encode_kernel[(-(-n_bytes // _TILE_BYTES),)](
@@ -202,6 +210,7 @@ def encode_triton(x: torch.Tensor, spec: BitmaskSpec, *, seed: int = 0) -> Packe
         value = _value_from_first(flat, first[0])
         if spec.check:
             _check_two_valued(flat, value)
+        value = value_slot.copy_(value.reshape(1)).view(())
     return _packed(x, payload, value)
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
+from ._pool import adopt, empty_many
 from ._settings import NUM_WARPS, TILE_ELEMENTS
 from .specs import FP8Spec
 
@@ -145,7 +146,8 @@ def encode_reference(x: torch.Tensor, spec: FP8Spec, *, seed: int = 0) -> Packed
         limit = torch.where(flagged, _FLAGGED_E4M3_MAX if fmt.exp_bias == 7 else fmt.max_value, fmt.max_value)
     q = torch.maximum(torch.minimum(q, limit), -limit)
     code = q.to(fmt.torch_dtype).view(torch.uint8)
-    return _packed(x, spec, _special_codes(x32, code, fmt), scale)
+    payload, scale = adopt(_special_codes(x32, code, fmt), scale)  # pooled when the engine lends memory
+    return _packed(x, spec, payload, scale)
 
 
 @torch.no_grad()
@@ -360,11 +362,10 @@ def encode_triton(x: torch.Tensor, spec: FP8Spec, *, seed: int = 0) -> Packed:
     flat = x.reshape(-1).contiguous()
     n = flat.numel()
     source, in_bf16 = _kernel_input(flat)
-    payload = torch.empty(n, dtype=torch.uint8, device=x.device)
     if spec.scaling == "group":
         g = spec.group_size
         n_groups = -(-n // g)
-        scale = torch.empty(n_groups, dtype=torch.float32, device=x.device)
+        payload, scale = empty_many([(n, torch.uint8), (n_groups, torch.float32)], x.device)
         rows, width = _TILE // g, g
     else:
         n_groups = 1
@@ -373,7 +374,8 @@ def encode_triton(x: torch.Tensor, spec: FP8Spec, *, seed: int = 0) -> Packed:
         flags = torch.zeros(blocks, dtype=torch.int32, device=x.device)
         if n:
             _absmax_kernel[(blocks,)](source, partial, flags, n, BLOCK=_TILE, IN_BF16=in_bf16, num_warps=_NUM_WARPS)
-        scale = _scale_from_amax(partial.amax().reshape(1), fmt, (flags.amax() > 0).reshape(1))  # on the device
+        payload, scale_slot = empty_many([(n, torch.uint8), (1, torch.float32)], x.device)
+        scale = scale_slot.copy_(_scale_from_amax(partial.amax().reshape(1), fmt, (flags.amax() > 0).reshape(1)))
         rows, width = 1, _TILE
     if n:
         _encode_kernel[(-(-n // (rows * width)),)](

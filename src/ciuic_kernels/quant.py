@@ -43,6 +43,7 @@ import torch
 
 from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
+from ._pool import empty_many
 from ._rng import seed_keys, uniform_reference
 from ._settings import NUM_WARPS, TILE_ELEMENTS
 from .specs import QuantSpec
@@ -185,9 +186,8 @@ def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Pack
     group, bits = spec.group_size, spec.bits
     num_groups = -(-n // group)
     dev = flat.device
-    payload = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device=dev)
-    minimum = torch.empty(num_groups, dtype=torch.bfloat16, device=dev)
-    scale = torch.empty(num_groups, dtype=torch.int16, device=dev)
+    payload, minimum, scale = empty_many(
+        [(-(-n * bits // 8), torch.uint8), (num_groups, torch.bfloat16), (num_groups, torch.int16)], dev)
     chunk = _groups_per_chunk(num_groups, group, dev)
     for g0 in range(0, num_groups, chunk):
         g1 = min(g0 + chunk, num_groups)
@@ -544,9 +544,8 @@ def encode_triton(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
     num_groups = -(-n // group)
     dev = x.device
     groups_per_program, grid = _launch_shape(num_groups, group)
-    payload = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device=dev)
-    minimum = torch.empty(num_groups, dtype=torch.bfloat16, device=dev)
-    scale = torch.empty(num_groups, dtype=torch.bfloat16, device=dev)
+    payload, minimum, scale = empty_many(
+        [(-(-n * bits // 8), torch.uint8), (num_groups, torch.bfloat16), (num_groups, torch.bfloat16)], dev)
     in_bf16 = x.dtype == torch.bfloat16
     k1, k2 = seed_keys(seed)
     _encode_kernel[grid](

@@ -18,6 +18,7 @@ import torch
 
 import ciuic_kernels
 from ciuic_kernels import QuantSpec
+from ciuic_kernels._pool import lending
 from ciuic_kernels.specs import BitmaskSpec
 
 from ..config import CompressionConfig
@@ -307,9 +308,10 @@ class Engine:
                 current.remember(storage_key(t), kept, kept)
                 return handle
             spec = QuantSpec(level, self.config.group_size, self.config.rounding)
-        with torch.no_grad():
+        pool = self.planner.pool
+        with torch.no_grad(), lending(pool):
             packed = ciuic_kernels.encode(dense, spec, seed=self.planner.seed())
-        pack = Pack(packed, level, cls)
+        pack = Pack(packed, level, cls, pool)
         codec = packed.codec if packed.codec != "quant" else f"int{level}"
         pack.charge = _stats.charge(pack, module, codec, cls, before, packed.nbytes)
         current.before += before
@@ -330,10 +332,10 @@ class Engine:
         finer = [lv for lv in allowed if lv != EXACT and lv > pack.level]
         if not finer:
             return
-        with torch.no_grad():
+        with torch.no_grad(), lending(pack.pool):
             new = ciuic_kernels.encode(source(t.detach(), view), QuantSpec(
                 finer[-1], self.config.group_size, self.config.rounding), seed=self.planner.seed())
-        pack.packed, pack.level = new, finer[-1]
+        pack.replace(new, finer[-1])
         pack.charge.repack(new.nbytes, f"int{finer[-1]}")
 
     # -- recompute recipes ---------------------------------------------------------------------

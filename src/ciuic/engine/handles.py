@@ -176,15 +176,32 @@ def rebuild(flat: torch.Tensor, view: tuple) -> torch.Tensor:
 class Pack:
     """A compressed storage (or dense copy of a partial view), shared by every op that saved it."""
 
-    __slots__ = ("packed", "level", "cls", "uses", "charge", "_decoded", "__weakref__")
+    __slots__ = ("packed", "level", "cls", "uses", "charge", "pool", "_decoded", "__weakref__")
 
-    def __init__(self, packed: Packed, level: int, cls: str) -> None:
+    def __init__(self, packed: Packed, level: int, cls: str, pool: Any = None) -> None:
         self.packed = packed
         self.level = level
         self.cls = cls
         self.uses = 0  # views handed out and not yet unpacked
         self.charge: Any = None  # stats.Charge, adjusted when the pack is re-encoded finer
+        self.pool = pool  # the PackPool its memory came from (None: allocated from torch)
         self._decoded = None
+
+    def __del__(self) -> None:
+        # autograd freed the last saved tensor of this pack: its memory goes back to the pool
+        # (handed out again only once no view of it is alive: see ciuic_kernels._pool)
+        pool = self.pool
+        if pool is not None:
+            try:
+                pool.give(self.packed)
+            except Exception:  # at interpreter exit the pool's module may be gone: nothing to reuse
+                pass
+
+    def replace(self, packed: Packed, level: int) -> None:
+        """Re-encoded (finer): the old pack's memory goes back to the pool."""
+        old, self.packed, self.level = self.packed, packed, level
+        if self.pool is not None:
+            self.pool.give(old)
 
     def decode(self) -> torch.Tensor:
         # Several consumers (q/k/v projections) unpack the same pack one after the other in

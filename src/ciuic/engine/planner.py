@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from ciuic_kernels._pool import PackPool
+
 from ..config import CompressionConfig
 from ..policy import CLASS_LEVELS, EXACT, Plan, Site, solve
 from . import stats as _stats
@@ -94,6 +96,7 @@ class Planner:
         self._callback_queued = False
         self._seed_counter = 0
         self._lock = threading.Lock()  # backward may end on an autograd device thread
+        self.pool = PackPool() if config.pool else None  # memory for this plan's packs
 
     # -- pass boundaries -----------------------------------------------------------------------
     def on_pack(self) -> None:
@@ -128,6 +131,8 @@ class Planner:
             self._solved = False  # another model or other shapes: calibrate again
         self.passes += 1
         _stats.count_pass()
+        if self.pool is not None:
+            self.pool.new_pass()  # free the pack buffers the pass that ended did not need
         self.current = PassState()
         every = self.config.recalibrate_every
         self.calibrating = False

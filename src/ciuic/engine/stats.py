@@ -12,6 +12,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from ciuic_kernels import _pool
+
 
 @dataclass
 class ByteCount:
@@ -50,6 +52,12 @@ class CompressionStats:
     before one is solved): ``budget_bytes``, ``planned_bytes``, ``feasible``, ``min_bytes`` (the
     smallest a pass can get at the lowest precision each class allows), ``pass_before`` (bytes the
     uncompressed pass keeps) and ``levels_by_module`` (module -> {bits: tensors}, 0 = exact).
+    ``pool`` counts the pack pool's work since the reset (``config.pool``): ``allocations`` and
+    ``allocated_bytes`` (pack buffers asked from torch), ``reuses`` and ``reused_bytes`` (served
+    from buffers earlier packs left), ``busy`` (free buffers skipped because a view of them was still
+    alive), ``trimmed`` and ``trimmed_bytes`` (free buffers freed because the previous pass did not
+    need them, to make room, or by ``ciuic.empty_pool()``); and, now,
+    ``free_bytes`` (waiting in the pool) and ``lent_bytes`` (held by live packs).
     """
 
     tensors_packed: int = 0
@@ -65,6 +73,7 @@ class CompressionStats:
     by_class: dict = field(default_factory=dict)
     by_module_codec: dict = field(default_factory=dict)
     plan: dict | None = None
+    pool: dict = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -80,6 +89,7 @@ class CompressionStats:
         out.by_module_codec = {m: {c: v.copy() for c, v in d.items()} for m, d in self.by_module_codec.items()}
         out.plan = None if self.plan is None else {
             k: (dict(v) if isinstance(v, dict) else v) for k, v in self.plan.items()}
+        out.pool = dict(self.pool)
         return out
 
     def to_dict(self) -> dict:
@@ -93,6 +103,7 @@ class CompressionStats:
         out["by_class"] = table(self.by_class)
         out["by_module_codec"] = {m: table(d) for m, d in self.by_module_codec.items()}
         out["plan"] = self.plan
+        out["pool"] = dict(self.pool)
         return out
 
 
@@ -101,21 +112,31 @@ _SCALARS = ("tensors_packed", "bytes_before", "bytes_after", "live_before", "liv
 
 _stats = CompressionStats()
 _lock = threading.Lock()
+_POOL_CUMULATIVE = ("allocations", "reuses", "allocated_bytes", "reused_bytes", "busy", "trimmed",
+                    "trimmed_bytes")
+_pool_base = {name: 0 for name in _POOL_CUMULATIVE}  # the pool's counters at the last reset
 
 
 def stats() -> CompressionStats:
     """A snapshot of the accounting (bytes before/after per module, codec and tensor class)."""
+    pool = _pool.counters()
     with _lock:
-        return _stats.copy()
+        out = _stats.copy()
+        for name in _POOL_CUMULATIVE:
+            pool[name] -= _pool_base[name]
+    out.pool = pool
+    return out
 
 
 def reset_stats() -> None:
     """Start counting afresh: every counter, live and peak bytes included, covers only the packs
     made after this call (packs made before are released against the old counters)."""
     global _stats
+    pool = _pool.counters()
     with _lock:
         plan = _stats.plan  # not a counter: the plan in force stays described
         _stats = CompressionStats(plan=plan)
+        _pool_base.update({name: pool[name] for name in _POOL_CUMULATIVE})
 
 
 class Charge:
