@@ -105,6 +105,9 @@ def test_totals_equal_stats(llama_report):
         st.live_before, st.live_after, st.peak_live_before, st.peak_live_after)
     assert report.passes == 1 and report.tensors > 0
     assert report.ratio == pytest.approx(st.ratio)
+    # the pack pool's counters (emptied before the measured forward: its packs are new buffers)
+    assert report.pool == st.pool and report.pool["allocations"] > 0
+    assert f"pack pool: {report.pool['reuses']} of {report.pool['allocations'] + report.pool['reuses']}" in str(report)
     # the table is the per-module accounting, and per codec within each module
     assert {r.module: (r.tensors, r.before, r.after) for r in report.rows} == {
         m: (c.tensors, c.before, c.after) for m, c in st.by_module.items()}

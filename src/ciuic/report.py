@@ -78,7 +78,8 @@ class MemoryReport:
     ``plan``: the bit plan's budget (``budget_bytes`` per pass, ``planned_bytes``, ``feasible``,
     ``min_bytes``, ``pass_before``, ``levels_by_module``), or None before a plan is solved.
     ``cuda``: ``max_memory_allocated``, ``max_memory_reserved``, ``fragmentation_bytes``
-    (reserved - allocated at peak), ``device``, or None without CUDA. ``timeline``: CUDA
+    (reserved - allocated at peak), ``device``, or None without CUDA. ``pool``: the pack pool's
+    counters (``ciuic.stats().pool``: allocations, reuses, bytes waiting). ``timeline``: CUDA
     ``(seconds, allocated, reserved)`` points, when recorded. ``meta``: mode, versions, time.
     """
 
@@ -95,6 +96,7 @@ class MemoryReport:
     by_class: dict = field(default_factory=dict)
     plan: dict | None = None
     cuda: dict | None = None
+    pool: dict = field(default_factory=dict)
     timeline: list | None = None
     meta: dict = field(default_factory=dict)
 
@@ -245,6 +247,12 @@ class MemoryReport:
             if not met and p.get("min_bytes") is not None:
                 line += f"; smallest reachable {_size(p['min_bytes'])}"
             lines.append(line)
+        pool = self.pool
+        if pool and (pool.get("allocations") or pool.get("reuses")):
+            taken = pool["allocations"] + pool["reuses"]
+            lines.append(f"pack pool: {pool['reuses']} of {taken} pack buffers reused ({pool['allocations']} "
+                         f"allocated, {_size(pool.get('allocated_bytes'))}); waiting for the next pass: "
+                         f"{_size(pool.get('free_bytes'))}")
         if self.cuda:
             c = self.cuda
             lines.append(f"CUDA {c.get('device', '')}: max allocated {_size(c.get('max_memory_allocated'))}, "
@@ -375,7 +383,7 @@ def memory_report(*, timeline: Any = None, device: Any = None) -> MemoryReport:
         peak_live_before=st.peak_live_before, peak_live_after=st.peak_live_after,
         by_codec={k: CodecBytes(v.tensors, v.before, v.after) for k, v in st.by_codec.items()},
         by_class={k: CodecBytes(v.tensors, v.before, v.after) for k, v in st.by_class.items()},
-        plan=plan, cuda=cuda, timeline=points, meta=meta,
+        plan=plan, cuda=cuda, pool=dict(getattr(st, "pool", None) or {}), timeline=points, meta=meta,
     )
 
 
