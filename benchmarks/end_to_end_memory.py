@@ -302,7 +302,8 @@ def run_framework(name: str, args) -> dict:
         if name == "lightning_baseline":
             strategy, precision = "auto", "bf16-mixed"
         else:
-            strategy, precision = CiuicStrategy(mode="4:1", optimizer="adamw4bit", fuse_update=True), "bf16-true"
+            strategy = CiuicStrategy(mode="4:1", optimizer="adamw4bit", fuse_update=True, lean_lm_head=True)
+            precision = "bf16-true"
         trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, precision=precision, max_steps=steps,
                             logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False)

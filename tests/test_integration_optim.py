@@ -112,6 +112,44 @@ def lightning_plain():
     return lightning_fit("auto")
 
 
+class LitCausalLM(L.LightningModule):
+    """A LightningModule around a transformers causal LM (the loss from labels, logits recorded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from ciuic._workloads import tiny_llama
+
+        self.model = tiny_llama(hidden=64, intermediate=128, layers=1, heads=2, max_positions=128, seed=0)
+        self.losses: list[float] = []
+        self.saw_logits: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        (window,) = batch
+        out = self.model(input_ids=window, labels=window)
+        self.losses.append(out.loss.item())
+        self.saw_logits.append(out.logits is not None)
+        return out.loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.xdist_group("optim_lightning")
+def test_lightning_lean_lm_head_only_when_asked():
+    from ciuic_integrations.lightning import CiuicStrategy
+
+    torch.manual_seed(0)
+    _, plain = lightning_fit("auto", steps=4, module=LitCausalLM())
+    _, default = lightning_fit(CiuicStrategy(mode="4:1"), steps=4, module=LitCausalLM())
+    lean_module = LitCausalLM()
+    _, lean = lightning_fit(CiuicStrategy(mode="4:1", lean_lm_head=True), steps=4, module=lean_module)
+    assert all(plain.saw_logits) and all(default.saw_logits)  # never patched unless asked
+    assert not any(lean.saw_logits)  # the full logits were never built
+    assert "forward" not in lean_module.model.__dict__  # teardown undid the patch
+    for a, b in zip(lean.losses, default.losses):  # the same training up to the codecs' error
+        assert abs(a - b) / b < 0.02, (lean.losses, default.losses)
+
+
 # 8 bits here; the 4-bit setting runs in the fused tests (bf16 weights)
 @pytest.mark.xdist_group("optim_lightning")
 def test_lightning_strategy_turns_adamw_into_ciuic(lightning_plain):

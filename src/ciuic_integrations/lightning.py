@@ -16,7 +16,10 @@ plugin's ``forward_context``, which Fabric opens around every forward of a modul
 
 Keyword arguments that are ``ciuic.CompressionConfig`` options (``budget``, ``group_size``,
 ``rounding``, ...) configure compression; the others go to the Lightning strategy (``device``,
-``find_unused_parameters``, ``process_group_backend``, ...).
+``find_unused_parameters``, ``process_group_backend``, ...). ``lean_lm_head=True``, given
+explicitly, patches every Hugging Face causal LM inside the LightningModule with the memory-lean LM
+head (``ciuic.apply_lean_lm_head``: its training forward with labels computes the loss in chunks
+and returns ``logits=None``; off unless asked, since a ``training_step`` may read the logits).
 
 Gradient and optimizer-state memory (Trainer strategies only; one config, no change to the
 LightningModule):
@@ -77,6 +80,10 @@ def _init_compression(strategy: Any, mode: Any, kwargs: dict) -> dict:
     ``report_dir`` (optional): where each process writes ``ciuic.memory_report()`` (JSON + PNG)
     at teardown."""
     report_dir = kwargs.pop("report_dir", None)
+    # lean_lm_head=True given explicitly: the Hugging Face causal LMs inside the LightningModule get
+    # the lean LM head (their training forward with labels then returns logits=None, so it is not
+    # the default: a training_step may read the logits)
+    strategy.ciuic_lean_lm_head = kwargs.get("lean_lm_head") is True
     options, strategy_kwargs = split_options(kwargs)
     config = resolve_config(_DEFAULT_MODE if mode is None else mode, options)
     if config is None:
@@ -119,7 +126,25 @@ def _init_optimizer(strategy: Any, optimizer: Any, fuse_update: Any) -> None:
 
 
 def _apply_optimizer(strategy: Any, trainer: Any) -> None:
-    """After Lightning built the optimizers from ``configure_optimizers``: convert, then fuse."""
+    """After Lightning built the optimizers from ``configure_optimizers``: convert, then fuse (and,
+    with ``lean_lm_head=True``, patch the module's Hugging Face causal LMs; undone at teardown)."""
+    if getattr(strategy, "ciuic_lean_lm_head", False):
+        import ciuic
+
+        for module in strategy.lightning_module.modules():
+            if _is_causal_lm(module):
+                strategy._ciuic.on_close(ciuic._prepare_model(module, strategy.ciuic_config))
+
+
+def _is_causal_lm(module: Any) -> bool:
+    """A transformers ``*ForCausalLM``: a config, a linear LM head, over a base model of its own."""
+    import torch
+
+    if getattr(getattr(module, "config", None), "model_type", None) is None:
+        return False
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    base = getattr(module, "base_model", None)
+    return isinstance(head, torch.nn.Linear) and base is not None and base is not module
     if strategy.ciuic_optimizer is not None:
         converted = []
         for old in strategy.optimizers:
