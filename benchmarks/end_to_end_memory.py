@@ -323,12 +323,16 @@ def run_framework(name: str, args) -> dict:
                 optimizer = kwargs["optimizer"]
                 inner = getattr(optimizer, "optimizer", optimizer)
                 optimizer_types.append(type(inner).__module__ + "." + type(inner).__name__)
-                on_step_end(float("nan"))
+                on_step_end(float("nan"))  # the loss arrives in on_log, after this
+
+            def on_log(self, args_, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs and losses and losses[-1] != losses[-1]:
+                    losses[-1] = float(logs["loss"])  # logging_steps=1: this step's loss
 
         dataset = [{"input_ids": row, "labels": row} for row in tokens]
         common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=steps,
                       learning_rate=args.lr, weight_decay=0.01, report_to=[], save_strategy="no",
-                      logging_strategy="no", use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant")
+                      logging_strategy="steps", logging_steps=1, use_cpu=True, dataloader_num_workers=0, lr_scheduler_type="constant")
         if name == "hf_baseline":
             training_args = CiuicTrainingArguments(bf16=True, **common)
         else:
@@ -382,6 +386,12 @@ def _plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _tail_loss(run: dict, last: int = 20) -> float | None:
+    """Mean of the last ``last`` recorded training losses of a framework run (None without any)."""
+    values = [v for v in run.get("losses", []) if v == v]
+    return sum(values[-last:]) / len(values[-last:]) if values else None
+
+
 def markdown(report: dict) -> str:
     """The BENCHMARKS.md section for one stored report."""
     mib = 2.0**20
@@ -413,14 +423,23 @@ def markdown(report: dict) -> str:
         lines += ["", f"Through the frameworks ({report['frameworks'][next(iter(report['frameworks']))]['steps']} "
                   f"steps each, peak RSS of the steps after the first two). Command: `{report.get('framework_command')}`",
                   "", "| run | peak RSS over a step (MiB) | optimizer in use |", "|---|---|---|"]
-        lines[-2:] = ["| run | peak RSS over a step (MiB) | peak heap, mallinfo2 (MiB) | optimizer in use |",
-                      "|---|---|---|---|"]
-        for name, run in report["frameworks"].items():
+        lines[-2:] = ["| run | peak RSS over a step (MiB) | peak heap, mallinfo2 (MiB) | train loss, mean of the "
+                      "last 20 steps | optimizer in use |", "|---|---|---|---|---|"]
+        frameworks = report["frameworks"]
+        for name, run in frameworks.items():
+            tail = _tail_loss(run)
             lines.append(f"| {name} | {run['peak_rss'] / mib:.1f} | {run.get('peak_heap', float('nan')) / mib:.1f} | "
-                         f"{', '.join(run['optimizer'])} |")
-        for key, label in (("lightning_peak_rss_ratio", "Lightning"), ("hf_peak_rss_ratio", "HF Trainer")):
-            if key in summary:
-                lines.append(f"\n{label}: baseline / ciuic peak RSS **{summary[key]:.2f}x**.")
+                         f"{'n/a' if tail is None else f'{tail:.4f}'} | {', '.join(run['optimizer'])} |")
+        for prefix, label in (("lightning", "Lightning"), ("hf", "HF Trainer")):
+            base, ours = frameworks.get(f"{prefix}_baseline"), frameworks.get(f"{prefix}_ciuic")
+            if base is None or ours is None:
+                continue
+            line = (f"\n{label}: baseline / ciuic peak RSS **{base['peak_rss'] / ours['peak_rss']:.2f}x**, peak heap "
+                    f"**{base['peak_heap'] / ours['peak_heap']:.2f}x**")
+            tails = _tail_loss(base), _tail_loss(ours)
+            if None not in tails:
+                line += f"; train loss (mean of the last 20 steps) {tails[1] / tails[0] - 1:+.2%}"
+            lines.append(line + ".")
     return "\n".join(lines)
 
 
