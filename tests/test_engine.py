@@ -32,24 +32,11 @@ from ciuic.memory import heap_available, heap_bytes
 
 COSINE_MIN = 0.99
 
-def _force_off() -> None:
-    ciuic.disable_compression()
-    # A test that fails half-way (or an engine bug) can leave a context entered; exit whatever is
-    # still active so that one failure does not cascade into the following tests.
-    from ciuic.engine import _state
-
-    engines = _state().engines
-    while engines:
-        engines[-1].__exit__(None, None, None)
-
-
 @pytest.fixture(autouse=True)
-def _clean_state():
-    # Each test starts and ends with compression off on this thread and fresh counters.
-    _force_off()
+def _clean_state(compression_off):
+    # Each test starts and ends with compression off on this thread (conftest) and fresh counters.
     ciuic.reset_stats()
     yield
-    _force_off()
 
 
 # ----------------------------------------------------------------------------------------------

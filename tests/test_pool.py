@@ -16,22 +16,11 @@ import ciuic_kernels
 from ciuic_kernels import QuantSpec, _pool
 
 
-def _force_off() -> None:
-    ciuic.disable_compression()
-    from ciuic.engine import _state
-
-    engines = _state().engines
-    while engines:
-        engines[-1].__exit__(None, None, None)
-
-
 @pytest.fixture(autouse=True)
-def _clean_state():
-    _force_off()
+def _clean_state(compression_off):
     ciuic.empty_pool()
     ciuic.reset_stats()
     yield
-    _force_off()
     ciuic.empty_pool()
 
 
