@@ -104,8 +104,9 @@ class CompressionConfig:
     pool: take the memory of packs from ciuic's pack pool (``ciuic_kernels._pool``): a pack freed in
         backward leaves its buffer for a pack of the same size in the next forward, so a
         fixed-shape training step allocates nothing new for packs from its third step on
-        (``ciuic.stats().pool`` counts allocations and reuses). Buffers nobody takes during a whole
-        pass are freed; ``ciuic.empty_pool()`` frees every waiting one. ``False``: every pack is
+        (``ciuic.stats().pool`` counts allocations and reuses). The pool keeps no more buffers of
+        a size than the last pass asked for, and a pass with other shapes frees waiting buffers as
+        it allocates; ``ciuic.empty_pool()`` frees every waiting one. ``False``: every pack is
         allocated from torch and freed when it dies.
     """
 
