@@ -134,17 +134,6 @@ def _apply_optimizer(strategy: Any, trainer: Any) -> None:
         for module in strategy.lightning_module.modules():
             if _is_causal_lm(module):
                 strategy._ciuic.on_close(ciuic._prepare_model(module, strategy.ciuic_config))
-
-
-def _is_causal_lm(module: Any) -> bool:
-    """A transformers ``*ForCausalLM``: a config, a linear LM head, over a base model of its own."""
-    import torch
-
-    if getattr(getattr(module, "config", None), "model_type", None) is None:
-        return False
-    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
-    base = getattr(module, "base_model", None)
-    return isinstance(head, torch.nn.Linear) and base is not None and base is not module
     if strategy.ciuic_optimizer is not None:
         converted = []
         for old in strategy.optimizers:
@@ -162,6 +151,17 @@ def _is_causal_lm(module: Any) -> bool:
         strategy._ciuic_fused = fuse(strategy.optimizers)
         for handle in strategy._ciuic_fused:
             handle._warned = True  # Lightning calls optimizer.step(closure): expected, not worth a warning
+
+
+def _is_causal_lm(module: Any) -> bool:
+    """A transformers ``*ForCausalLM``: a config, a linear LM head, over a base model of its own."""
+    import torch
+
+    if getattr(getattr(module, "config", None), "model_type", None) is None:
+        return False
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    base = getattr(module, "base_model", None)
+    return isinstance(head, torch.nn.Linear) and base is not None and base is not module
 
 
 def _remove_fused(strategy: Any) -> None:
