@@ -14,8 +14,9 @@ dies without a give just frees its memory.
 
 The pool holds no more than the pass before needed. ``new_pass()`` (the engine calls it when a
 forward pass begins) frees the free buffers the pass that just ended did not ask for (its demand per
-size is counted), and a miss (a size with no free buffer) first frees free buffers of other sizes
-beyond what the rest of the pass is expected to take, as much as it allocates. On a fixed-shape
+size is counted), and a miss (a size with no free buffer) frees waiting buffers as much as it
+allocates: first those beyond what the rest of the pass is expected to take, then any (the pass is
+not the previous one again, so the pool then holds no more than the larger of the two). On a fixed-shape
 workload every pack of a steady-state pass is served from buffers the previous pass released:
 ``allocations`` stops growing after the second pass (a recalibration pass, whose packs have other
 sizes, allocates again). ``clear()`` frees every free buffer (``ciuic.empty_pool()``).
