@@ -61,8 +61,8 @@ DEFAULT_BLOCK_SIZE = {8: 256, 4: 128}
 # 8-bit codes) or 64-bit ones (4-bit codes).
 _TILE = 2048
 _NUM_WARPS = 4
-# Tiles per program with quantized moments (each program loads the four maps/midpoint tables once,
-# 4 KiB at 8 bits and 256 B at 4 bits, then updates its tiles one after the other): the largest
+# Tiles per program with quantized moments (each program loads both moments' maps once, 2 KiB at 8
+# bits and 128 B at 4 bits, computes their midpoints, then updates its tiles one after the other): the largest
 # of these that still leaves at least _MIN_PROGRAMS programs, about two waves of resident programs
 # on an H100 (132 SMs x 4 programs of 128 threads at <= 128 registers); small parameters keep one
 # tile per program. fp32 moments have no maps: always one tile.
@@ -112,11 +112,14 @@ def _map_values(signed: bool, bits: int) -> tuple[float, ...]:
 def quantization_map(signed: bool, bits: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(map ``Q``: ``2**bits`` fp32 values, midpoints: ``2**bits`` fp32, the last one +inf) on ``device``.
 
-    Computed in float64 on the host and rounded to fp32 once, so every backend reads the same bits.
+    The map is computed in float64 on the host and rounded to fp32 once; the midpoints are then
+    ``(Q[k] + Q[k+1]) * 0.5`` in fp32 arithmetic, which the Triton kernel recomputes from the map
+    it holds (one rounding, in the add; the halving is exact), so every backend uses the same bits
+    and the kernel reads only the map.
     """
-    values = torch.tensor(_map_values(signed, bits), dtype=torch.float64)
-    mids = torch.cat([(values[:-1] + values[1:]) / 2, torch.tensor([math.inf], dtype=torch.float64)])
-    return values.to(torch.float32).to(device), mids.to(torch.float32).to(device)
+    values = torch.tensor(_map_values(signed, bits), dtype=torch.float64).to(torch.float32)
+    mids = torch.cat([(values[:-1] + values[1:]) * 0.5, torch.tensor([math.inf], dtype=torch.float32)])
+    return values.to(device), mids.to(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -392,6 +395,15 @@ if triton_available():
         return tl.reshape(tl.gather(table, flat, 0), codes.shape)
 
     @triton.jit
+    def _midpoints(table, BITS: tl.constexpr):
+        """``(Q[k] + Q[k+1]) * 0.5`` of the map ``table`` the program holds, +inf last: the bits of
+        ``quantization_map``'s midpoints, without reading them from memory."""
+        k = tl.arange(0, 1 << BITS)
+        last: tl.constexpr = (1 << BITS) - 1
+        following = tl.gather(table, tl.minimum(k + 1, last), 0)
+        return tl.where(k == last, float("inf"), (table + following) * 0.5)
+
+    @triton.jit
     def _load_moment(codes_ptr, scale_ptr, table, rows, offsets, mask, n, n_code_bytes, BITS: tl.constexpr,
                      BLOCK: tl.constexpr):
         """Dequantized fp32 moment of the [ROWS, BLOCK] tile ``offsets`` (0 where masked); ``table``:
@@ -467,7 +479,7 @@ if triton_available():
     @triton.jit
     def _adamw_kernel(
         p_ptr, g_ptr, m_ptr, m_scale_ptr, v_ptr, v_scale_ptr,
-        m_map_ptr, m_mids_ptr, v_map_ptr, v_mids_ptr,
+        m_map_ptr, v_map_ptr,
         n, n_code_bytes, one_minus_beta1, beta2, one_minus_beta2, decay, step_size, bc2_sqrt, eps, k1, k2,
         BITS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr, P_BF16: tl.constexpr,
         G_BF16: tl.constexpr, STOCHASTIC: tl.constexpr,
@@ -475,8 +487,8 @@ if triton_available():
         """One program = TILES consecutive [ROWS, BLOCK] tiles, one after the other: each tile is ROWS
         quantization blocks of BLOCK contiguous elements (at ``BITS=32`` just a tile). Each thread
         holds contiguous runs of a row, so the parameter, gradient, moments and codes move in
-        64/128-bit accesses; the maps and midpoints are loaded once per program (before the loop over
-        its tiles) and indexed with ``tl.gather``."""
+        64/128-bit accesses; the maps are loaded once per program (before the loop over its tiles),
+        their midpoints computed from them, and both indexed with ``tl.gather``."""
         if BITS == 32:
             m_map = 0.0  # unused: plain fp32 moments
             m_mids = 0.0
@@ -484,9 +496,9 @@ if triton_available():
             v_mids = 0.0
         else:
             m_map = tl.load(m_map_ptr + tl.arange(0, 1 << BITS))
-            m_mids = tl.load(m_mids_ptr + tl.arange(0, 1 << BITS))
             v_map = tl.load(v_map_ptr + tl.arange(0, 1 << BITS))
-            v_mids = tl.load(v_mids_ptr + tl.arange(0, 1 << BITS))
+            m_mids = _midpoints(m_map, BITS)
+            v_mids = _midpoints(v_map, BITS)
         first_tile = tl.program_id(0).to(tl.int64) * TILES
         for t in range(TILES):
             rows = (first_tile + t) * ROWS + tl.arange(0, ROWS)
@@ -544,17 +556,17 @@ def adamw_update_triton(param, grad, exp_avg, exp_avg_sq, exp_avg_scale=None, ex
     block, rows = _launch_shape(bits, block_size)
     dev = param.device
     if bits == 32:
-        m_map = m_mids = v_map = v_mids = exp_avg  # unused at 32 bits
+        m_map = v_map = exp_avg  # unused at 32 bits
         m_scale, v_scale = exp_avg, exp_avg_sq
     else:
-        m_map, m_mids = quantization_map(True, bits, dev)
-        v_map, v_mids = quantization_map(False, bits, dev)
+        m_map, _ = quantization_map(True, bits, dev)  # the kernel computes the midpoints from the map
+        v_map, _ = quantization_map(False, bits, dev)
         m_scale, v_scale = exp_avg_scale, exp_avg_sq_scale
     k1, k2 = seed_keys(seed)
     tiles = _tiles_per_program(bits, n)
     grid = (num_blocks(n, _TILE * tiles),)
     _adamw_kernel[grid](
-        p_arg, g_arg, exp_avg, m_scale, exp_avg_sq, v_scale, m_map, m_mids, v_map, v_mids,
+        p_arg, g_arg, exp_avg, m_scale, exp_avg_sq, v_scale, m_map, v_map,
         n, code_bytes(n, bits) if bits == 4 else n, s["one_minus_beta1"], s["beta2"], s["one_minus_beta2"],
         s["decay"], s["step_size"], s["bias_correction2_sqrt"], s["eps"], k1, k2,
         BITS=bits, BLOCK=block, ROWS=rows, TILES=tiles, P_BF16=p_bf16, G_BF16=g_bf16,
@@ -619,8 +631,8 @@ def AOT_CONFIGS() -> list[dict]:
                 for p_sig, g_sig, p_bf16, g_bf16, stochastic, name in _AOT_DTYPES:
                     signature = {
                         "p_ptr": p_sig, "g_ptr": g_sig, "m_ptr": state, "m_scale_ptr": scale,
-                        "v_ptr": state, "v_scale_ptr": scale, "m_map_ptr": "*fp32", "m_mids_ptr": "*fp32",
-                        "v_map_ptr": "*fp32", "v_mids_ptr": "*fp32", "n": "i32", "n_code_bytes": "i32",
+                        "v_ptr": state, "v_scale_ptr": scale, "m_map_ptr": "*fp32",
+                        "v_map_ptr": "*fp32", "n": "i32", "n_code_bytes": "i32",
                         "one_minus_beta1": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "decay": "fp32",
                         "step_size": "fp32", "bc2_sqrt": "fp32", "eps": "fp32", "k1": "i32", "k2": "i32",
                         "BITS": "constexpr", "BLOCK": "constexpr", "ROWS": "constexpr", "TILES": "constexpr",
