@@ -232,7 +232,7 @@ def empty_many(specs: Sequence[tuple[int, torch.dtype]], device: torch.device) -
     pool = getattr(_local, "pool", None)
     if pool is None:
         return [torch.empty(n, dtype=dtype, device=device) for n, dtype in specs]
-    sizes = [n * _itemsize(dtype) for n, dtype in specs]
+    sizes = [n * dtype.itemsize for n, dtype in specs]
     buffer = pool.take(sum(_aligned(s) for s in sizes), torch.device(device))
     out, start = [], 0
     for (n, dtype), size in zip(specs, sizes):
@@ -251,12 +251,3 @@ def adopt(*tensors: torch.Tensor) -> list[torch.Tensor]:
         dst.copy_(src.reshape(-1))
     return [dst.view(t.shape) for dst, t in zip(out, tensors)]
 
-
-_ITEMSIZE: dict = {}
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    size = _ITEMSIZE.get(dtype)
-    if size is None:
-        size = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
-    return size

@@ -66,6 +66,20 @@ def uniform_reference(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * (2.0**-24)
 
 
+_CPU_CHUNK = 1 << 16  # the hash runs ~30 int64 passes: in cache-sized chunks on CPU (~10x faster at 4M)
+
+
+def uniform_chunks(seed: int, offset: int, n: int, device: torch.device):
+    """``(start, stop, uniform_reference(seed, offset + start .. offset + stop - 1))`` covering
+    ``0..n-1``: in cache-sized chunks on CPU, in one piece elsewhere."""
+    device = torch.device(device)
+    chunk = _CPU_CHUNK if device.type == "cpu" else max(n, 1)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        yield start, stop, uniform_reference(
+            seed, torch.arange(offset + start, offset + stop, dtype=torch.int64, device=device))
+
+
 def uniform_like_reference(seed: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniforms for offsets 0..n-1."""
     return uniform_reference(seed, torch.arange(n, device=device, dtype=torch.int64))

@@ -51,7 +51,7 @@ import math
 import torch
 
 from ._backend import pick, triton_available
-from ._rng import seed_keys, uniform_reference
+from ._rng import seed_keys, uniform_chunks
 
 STATE_BITS = (32, 8, 4)
 BLOCK_SIZES = (64, 128, 256, 512)
@@ -258,10 +258,7 @@ def _bf16_bits_stochastic(p: torch.Tensor, seed: int, offset: int = 0) -> torch.
     n = p.numel()
     bits = p.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
     noise = torch.empty(n, dtype=torch.int64, device=p.device)
-    chunk = 1 << 16 if p.device.type == "cpu" else max(n, 1)  # the hash runs in cache-sized chunks
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        u = uniform_reference(seed, torch.arange(offset + start, offset + stop, dtype=torch.int64, device=p.device))
+    for start, stop, u in uniform_chunks(seed, offset, n, p.device):
         noise[start:stop] = (u * 65536.0).to(torch.int64)
     high = ((bits + noise) >> 16) & 0xFFFF
     high = torch.where(torch.isnan(p), 0x7FC0, high)

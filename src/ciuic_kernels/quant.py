@@ -44,7 +44,7 @@ import torch
 from ._backend import pick, triton_available
 from ._packed import Packed, check_float_input
 from ._pool import empty_many
-from ._rng import seed_keys, uniform_reference
+from ._rng import seed_keys, uniform_chunks
 from ._settings import NUM_WARPS, TILE_ELEMENTS
 from .specs import QuantSpec
 
@@ -52,7 +52,6 @@ CODEC = "quant"
 # Kernel tiles hold TILE_ELEMENTS elements (GROUPS_PER_PROGRAM x group_size); see _settings.
 _TILE_ELEMENTS = TILE_ELEMENTS
 _NUM_WARPS = NUM_WARPS
-_RNG_CHUNK = 1 << 16
 # On CPU a host read costs no device sync, so the reference branches on the data there (a chunk
 # without NaN/Inf skips the non-finite bookkeeping). The sync-counting tests turn this off to
 # check the branch-free path, which is what the reference runs on CUDA (where a read is a sync).
@@ -126,16 +125,9 @@ def _step_bits_reference(raw: torch.Tensor) -> torch.Tensor:
 
 
 def _add_uniforms_(y: torch.Tensor, seed: int, offset: int = 0) -> None:
-    """``y += uniform_reference(seed, offset + 0..len(y)-1)`` in place, in cache-sized chunks on CPU.
-
-    The hash runs ~30 int64 passes; chunking keeps them in cache (about 10x faster for 4M elements).
-    """
-    count = y.numel()
-    chunk = _RNG_CHUNK if y.device.type == "cpu" else max(count, 1)
-    for start in range(0, count, chunk):
-        stop = min(start + chunk, count)
-        y[start:stop] += uniform_reference(
-            seed, torch.arange(offset + start, offset + stop, dtype=torch.int64, device=y.device))
+    """``y += uniform_reference(seed, offset + 0..len(y)-1)`` in place (``_rng.uniform_chunks``)."""
+    for start, stop, u in uniform_chunks(seed, offset, y.numel(), y.device):
+        y[start:stop] += u
 
 
 def _groups_per_chunk(num_groups: int, group: int, device: torch.device) -> int:
