@@ -135,15 +135,18 @@ def test_triton_matches_reference_group_sizes(group_size, bits):
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"], ids=lambda r: f"rounding={r}")
 @pytest.mark.parametrize("bits", [8, 4, 2], ids=lambda b: f"bits={b}")
 def test_reference_in_chunks_matches_triton(monkeypatch, bits, rounding):
-    """On CPU the reference runs in chunks of groups, each chunk with or without NaN/Inf taking its
-    own path: chunk boundaries, a NaN-free chunk next to a flagged one and a partial last group
-    give the kernel's bits (the kernel sees the whole tensor at once)."""
+    """On CPU the reference runs in chunks of groups (a tensor without NaN/Inf through the shorter
+    path, one with NaN/Inf through the general one): chunk boundaries, a NaN-free chunk next to a
+    flagged one and a partial last group give the kernel's bits (the kernel sees the whole tensor
+    at once)."""
     monkeypatch.setattr(quant, "_CPU_CHUNK_ELEMENTS", 256)  # 4 groups of 64 per chunk
     spec = QuantSpec(bits=bits, group_size=64, rounding=rounding)
     x = make_input((2000 + 37,), torch.bfloat16, seed=3)
     x[300] = math.nan  # chunk 1 flagged, chunks 0 and 2.. not
     x[1900:1903] = torch.tensor([math.inf, -math.inf, math.nan])
-    for case in (x, x.float(), x.float()[:1000] * 1e30):  # the last: huge (finite) values
+    finite = x.nan_to_num(nan=0.5, posinf=2.0, neginf=-2.0)
+    # with NaN/Inf (bf16, fp32), without (bf16, fp16, fp32), huge finite values
+    for case in (x, x.float(), finite, finite.half(), finite.float(), x.float()[:1000] * 1e30):
         ref = quant.encode(case, spec, seed=5, backend="torch")
         assert_packed_equal(quant.encode(case, spec, seed=5, backend="triton"), ref)
         assert_bitwise_equal(quant.decode(ref, backend="torch"), quant.decode(ref, backend="triton"), "decode")
@@ -154,8 +157,9 @@ def test_cpu_fast_path_equals_the_branch_free_path(monkeypatch, bits):
     """On CPU, chunks without NaN/Inf take a shorter path (switched by ``_BRANCH_ON_CPU_DATA``); it
     must give the bits of the branch-free path (checked against the kernel above) on normal data,
     huge finite values, and groups whose range overflows fp32 (an infinite step: decodes to NaN)."""
+    monkeypatch.setattr(quant, "_CPU_CHUNK_ELEMENTS", 256)  # several chunks, a partial last group
     spec = QuantSpec(bits=bits, rounding="stochastic" if bits == 2 else "nearest")
-    cases = [make_input((3, 1000), torch.bfloat16, seed=1), make_input((777,), torch.float32, seed=2) * 1e36,
+    cases = [make_input((3, 1000), torch.bfloat16, seed=1), make_input((5, 301), torch.float16, seed=4), make_input((777,), torch.float32, seed=2) * 1e36,
              torch.tensor([-3e38, 3e38] * 64 + [1.0] * 64)]
     for x in cases:
         fast = quant.encode(x, spec, seed=9, backend="torch")

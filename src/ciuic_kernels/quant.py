@@ -39,6 +39,8 @@ representable and decodes to inf/nan.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ._backend import pick, triton_available
@@ -143,32 +145,44 @@ def _pack_codes(q: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """fp32 integer codes (length a multiple of 8 // bits, >= n) -> ceil(n * bits / 8) uint8 bytes.
 
     The byte is formed in fp32 (sums of codes times powers of two below 256 are exact), so only
-    one value per byte is converted to uint8.
+    one value per byte is converted, through int32 (exact; on CPU two conversions cost less than
+    fp32 -> uint8 directly).
     """
     per = 8 // bits
     num_bytes = -(-n // per)
     q = q[: num_bytes * per].view(num_bytes, per)
     if per == 1:
-        return q[:, 0].to(torch.uint8)
+        return q[:, 0].to(torch.int32).to(torch.uint8)
     packed = torch.add(q[:, 0], q[:, 1], alpha=1 << bits)
     for r in range(2, per):
         packed.add_(q[:, r], alpha=1 << (r * bits))
-    return packed.to(torch.uint8)
+    return packed.to(torch.int32).to(torch.uint8)
 
 
 def _unpack_codes(payload: torch.Tensor, bits: int) -> torch.Tensor:
-    per = 8 // bits
-    if per == 1:
+    """uint8 bytes -> one uint8 code per element (``8 // bits`` per byte, the lowest bits first)."""
+    if bits == 8:
         return payload
-    mask = (1 << bits) - 1
-    return torch.stack([(payload >> (r * bits)) & mask for r in range(per)], dim=1).view(-1)
+    if sys.byteorder != "little":
+        mask = (1 << bits) - 1
+        return torch.stack([(payload >> (r * bits)) & mask for r in range(8 // bits)], dim=1).view(-1)
+    # Split every byte's two halves into two bytes through an int16 (little-endian: the low half
+    # becomes the first byte): v = x + (256 - 2**w) * (x >> w) holds x's low w bits in its low byte
+    # and the rest in its high byte. Contiguous ops only: interleaving with stack costs several
+    # times more on CPU. 2-bit codes take two splits (nibbles, then their 2-bit halves).
+    codes, width = payload, 4
+    while width >= bits:
+        wide = codes.to(torch.int16)
+        codes = torch.add(wide, wide >> width, alpha=256 - (1 << width)).view(torch.uint8)
+        width //= 2
+    return codes
 
 
 @torch.no_grad()  # a pack must not keep an autograd graph (and x) alive
 def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Packed:
     """Quantize ``x`` with pure PyTorch ops (vectorized over groups, in cache-sized chunks of groups
     on CPU; no Python loop over elements). Off CPU it makes no host sync (the same work whether or
-    not ``x`` holds NaN/Inf); on CPU, where a host read is free, a chunk without NaN/Inf takes a
+    not ``x`` holds NaN/Inf); on CPU, where a host read is free, a tensor without NaN/Inf takes a
     shorter path to the same bits."""
     _check_arguments(x, spec, seed)
     flat = x.reshape(-1)
@@ -180,14 +194,69 @@ def encode_reference(x: torch.Tensor, spec: QuantSpec, *, seed: int = 0) -> Pack
     dev = flat.device
     payload, minimum, scale = empty_many(
         [(-(-n * bits // 8), torch.uint8), (num_groups, torch.bfloat16), (num_groups, torch.int16)], dev)
-    chunk = _groups_per_chunk(num_groups, group, dev)
+    if not (_BRANCH_ON_CPU_DATA and dev.type == "cpu" and _encode_finite(flat, spec, seed, payload, minimum, scale)):
+        for g0, g1, start, stop in _chunks(num_groups, group, n, dev):
+            # group * bits is a multiple of 8 (group >= 32): every chunk starts on a byte
+            payload[start * bits // 8: -(-stop * bits // 8)], minimum[g0:g1], scale[g0:g1] = _encode_groups(
+                flat[start:stop], g1 - g0, spec, seed, start)
+    return _make_packed(x, spec, payload=payload, minimum=minimum, scale=scale.view(torch.bfloat16))
+
+
+def _chunks(num_groups: int, group: int, n: int, device: torch.device):
+    """``(g0, g1, start, stop)``: the group range and element range of each reference chunk."""
+    chunk = _groups_per_chunk(num_groups, group, device)
     for g0 in range(0, num_groups, chunk):
         g1 = min(g0 + chunk, num_groups)
-        start, stop = g0 * group, min(g1 * group, n)
-        # group * bits is a multiple of 8 (group >= 32): every chunk starts on a byte
-        payload[start * bits // 8: -(-stop * bits // 8)], minimum[g0:g1], scale[g0:g1] = _encode_groups(
-            flat[start:stop], g1 - g0, spec, seed, start)
-    return _make_packed(x, spec, payload=payload, minimum=minimum, scale=scale.view(torch.bfloat16))
+        yield g0, g1, g0 * group, min(g1 * group, n)
+
+
+def _padded_groups(flat: torch.Tensor, g0: int, g1: int, start: int, stop: int, group: int) -> torch.Tensor:
+    """Elements ``start:stop`` of ``flat`` as ``(g1 - g0, group)``; a partial last group is padded
+    with a copy of its last element (its min, max and non-finite flag do not change)."""
+    xs = flat[start:stop]
+    pad = (g1 - g0) * group - xs.numel()
+    if pad:
+        xs = torch.cat([xs, xs[-1:].expand(pad)])
+    return xs.view(g1 - g0, group)
+
+
+def _encode_finite(flat: torch.Tensor, spec: QuantSpec, seed: int, payload: torch.Tensor, minimum: torch.Tensor,
+                   scale: torch.Tensor) -> bool:
+    """The CPU path for a tensor without NaN/Inf: writes the pack and returns True, or returns False
+    (nothing written) when ``flat`` holds NaN/Inf or a group's range overflows fp32. Same bits as
+    ``_encode_groups`` (there every group has ``levels = qmax`` and no reserved codes); the group
+    metadata is computed once for the whole tensor and only the codes run in chunks."""
+    group, bits = spec.group_size, spec.bits
+    qmax = (1 << bits) - 1
+    n = flat.numel()
+    num_groups = -(-n // group)
+    chunks = list(_chunks(num_groups, group, n, flat.device))
+    # Pass 1: each group's min and max (they propagate NaN and Inf). amin and amax of fp32 rows are
+    # several times faster on CPU than aminmax or reductions in bf16.
+    mn = torch.empty(num_groups, dtype=torch.float32, device=flat.device)
+    mx = torch.empty_like(mn)
+    for g0, g1, start, stop in chunks:
+        xg = _padded_groups(flat, g0, g1, start, stop, group).to(torch.float32)
+        torch.amin(xg, 1, out=mn[g0:g1])
+        torch.amax(xg, 1, out=mx[g0:g1])
+    mn_b = _round_down_to_bf16(mn)
+    span = mx - mn_b
+    if not bool(torch.isfinite(span).all()):
+        return False
+    step_bits = _step_bits_reference(span / torch.full_like(mx, float(qmax)))
+    s = step_bits.view(torch.float32)
+    minimum.copy_(mn_b)  # mn_b is a bf16 value: the conversion is exact
+    scale.copy_(step_bits >> 16)
+    # Pass 2: the codes. x - mn_b in fp32 (a bf16/fp16 x is promoted exactly), then in place:
+    # fresh buffers cost page faults on CPU.
+    for g0, g1, start, stop in chunks:
+        y = torch.sub(_padded_groups(flat, g0, g1, start, stop, group), mn_b[g0:g1, None]).div_(s[g0:g1, None])
+        _round_codes_(y, spec, seed, start)
+        q = y.clamp_(0, qmax).view(-1)
+        if q.numel() > stop - start:
+            q[stop - start:] = 0  # padded codes
+        payload[start * bits // 8: -(-stop * bits // 8)] = _pack_codes(q, bits, stop - start)
+    return True
 
 
 def _encode_groups(chunk: torch.Tensor, num_groups: int, spec: QuantSpec, seed: int, offset: int) -> tuple:
@@ -201,13 +270,6 @@ def _encode_groups(chunk: torch.Tensor, num_groups: int, spec: QuantSpec, seed: 
     # Pad with a copy of the last element: it is already in the last group, so the group's
     # min, max and non-finite flag do not change; padded codes are zeroed below.
     xg = (torch.cat([xf, xf[-1:].expand(pad)]) if pad else xf).view(num_groups, group)
-    # On CPU a host read is free: a chunk without NaN/Inf (min and max propagate NaN and Inf, so
-    # the per-group min/max tell) skips the non-finite bookkeeping, about half the passes. Same
-    # bits either way: there every group has levels = qmax.
-    if _BRANCH_ON_CPU_DATA and xg.device.type == "cpu":
-        mn, mx = torch.aminmax(xg, dim=1)
-        if bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
-            return _encode_finite(xg, mn, mx, n, spec, seed, offset)
     finite = torch.isfinite(xg)
     # min/max over the finite values: one nan_to_num pass each sends NaN/Inf out of the reduction
     inf = float("inf")
@@ -240,20 +302,6 @@ def _encode_groups(chunk: torch.Tensor, num_groups: int, spec: QuantSpec, seed: 
     return _pack_codes(q, bits, n), mn_b.to(torch.bfloat16), scale_bits.to(torch.int16)
 
 
-def _encode_finite(xg: torch.Tensor, mn: torch.Tensor, mx: torch.Tensor, n: int, spec: QuantSpec, seed: int,
-                   offset: int) -> tuple:
-    """``_encode_groups`` for groups without NaN/Inf (levels = qmax everywhere, no reserved codes)."""
-    qmax = (1 << spec.bits) - 1
-    mn_b = _round_down_to_bf16(mn)
-    step_bits = _step_bits_reference((mx - mn_b) / torch.full_like(mx, float(qmax)))
-    y = torch.sub(xg, mn_b[:, None]).div_(step_bits.view(torch.float32)[:, None])
-    _round_codes_(y, spec, seed, offset)
-    q = y.clamp_(0, qmax).view(-1)
-    if q.numel() > n:
-        q[n:] = 0
-    return _pack_codes(q, spec.bits, n), mn_b.to(torch.bfloat16), (step_bits >> 16).to(torch.int16)
-
-
 def _round_codes_(y: torch.Tensor, spec: QuantSpec, seed: int, offset: int) -> None:
     """``y = floor(y + u)`` in place: ``u = 0.5`` (nearest) or the uniforms of the flat indices."""
     if spec.rounding == "stochastic":
@@ -273,48 +321,54 @@ def decode_reference(packed: Packed) -> torch.Tensor:
         return torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
     group, bits = packed.params["group_size"], packed.bits
     num_groups = -(-n // group)
-    scale_bits = t["scale"].view(torch.int16)
+    scale_bits = t["scale"].view(torch.int16).to(torch.int32)
+    s = ((scale_bits & 0x7FFF) << 16).view(torch.float32)
+    flagged = scale_bits < 0
+    mn_b = t["minimum"].to(torch.float32)
+    # On CPU a host read is free: with no flagged group there are no reserved codes, and
+    # mn_b + q * s of finite operands is never NaN, so no canonical-NaN pass either. A group whose
+    # range overflowed fp32 has an infinite step (0 * inf is NaN): it takes the general path.
+    fast = _BRANCH_ON_CPU_DATA and packed.device.type == "cpu" and not bool(
+        flagged.any() | ~torch.isfinite(s).all())
     out = torch.empty(n, dtype=packed.dtype, device=packed.device)
-    chunk = _groups_per_chunk(num_groups, group, packed.device)
-    for g0 in range(0, num_groups, chunk):
-        g1 = min(g0 + chunk, num_groups)
-        start, stop = g0 * group, min(g1 * group, n)
-        out[start:stop] = _decode_groups(
-            t["payload"][start * bits // 8: -(-stop * bits // 8)], t["minimum"][g0:g1], scale_bits[g0:g1],
-            stop - start, group, bits, packed.dtype)
+    for g0, g1, start, stop in _chunks(num_groups, group, n, packed.device):
+        codes = _unpack_codes(t["payload"][start * bits // 8: -(-stop * bits // 8)], bits)
+        _decode_groups(codes, s[g0:g1], flagged[g0:g1], mn_b[g0:g1], out[start:stop], group, bits, fast)
     return out.view(packed.shape)
 
 
-def _decode_groups(payload: torch.Tensor, minimum: torch.Tensor, scale_bits: torch.Tensor, n: int, group: int,
-                   bits: int, dtype: torch.dtype) -> torch.Tensor:
+def _decode_groups(codes: torch.Tensor, s: torch.Tensor, flagged: torch.Tensor, mn_b: torch.Tensor,
+                   out: torch.Tensor, group: int, bits: int, fast: bool) -> None:
+    """Decode whole groups (the last may be partial) into ``out``: ``codes`` (uint8, at least
+    ``out.numel()``), each group's fp32 step ``s``, non-finite flag and fp32 minimum ``mn_b``."""
     qmax = (1 << bits) - 1
-    num_groups = minimum.numel()
-    scale_bits = scale_bits.to(torch.int32)
-    s = ((scale_bits & 0x7FFF) << 16).view(torch.float32)
-    flagged = scale_bits < 0
-    mn_b = minimum.to(torch.float32)
-    q = torch.empty(num_groups * group, dtype=torch.float32, device=payload.device)
-    q[:n] = _unpack_codes(payload, bits)[:n]
-    q[n:] = 0
-    qg = q.view(num_groups, group)
-    # On CPU a host read is free: with no flagged group there are no reserved codes, and
-    # mn_b + q * s of finite operands is never NaN, so no canonical-NaN pass either (and the codes
-    # are not read again: the arithmetic runs in their buffer). A group whose range overflowed
-    # fp32 has an infinite step (0 * inf is NaN): it takes the general path.
-    if _BRANCH_ON_CPU_DATA and payload.device.type == "cpu" and not bool(
-            flagged.any() | ~torch.isfinite(s).all()):
-        return qg.mul_(s[:, None]).add_(mn_b[:, None]).view(-1)[:n].to(dtype)
+    num_groups, n = mn_b.numel(), out.numel()
+    if n == num_groups * group:
+        qg = codes[:n].view(num_groups, group)
+    else:
+        q = torch.zeros(num_groups * group, dtype=torch.uint8, device=codes.device)
+        q[:n] = codes[:n]
+        qg = q.view(num_groups, group)
+    if fast:
+        # mul then add, two roundings like the kernel (the uint8 codes are promoted to fp32 exactly)
+        if out.dtype == torch.float32 and n == num_groups * group:
+            torch.mul(qg, s[:, None], out=out.view(num_groups, group)).add_(mn_b[:, None])
+        else:
+            out.copy_(torch.mul(qg, s[:, None]).add_(mn_b[:, None]).view(-1)[:n])
+        return
+    dtype = out.dtype
+    qg = qg.to(torch.float32)
     # mul then add, two roundings like the kernel (fp fusion is off there).
     x_hat = qg * s[:, None]
     x_hat.add_(mn_b[:, None])
     special = torch.where(qg == qmax, float("nan"), torch.where(qg == qmax - 1, float("inf"), float("-inf")))
     x_hat = torch.where(flagged[:, None] & (qg >= qmax - 2), special, x_hat)
-    out = x_hat.view(-1)[:n].to(dtype)
+    res = x_hat.view(-1)[:n].to(dtype)
     # One NaN bit pattern in every backend (torch's vectorized casts may emit another one).
-    out_bits = out.view(_INT_OF[dtype])
-    out = torch.where(torch.isnan(out), torch.full((), _CANONICAL_NAN[dtype], dtype=out_bits.dtype,
-                                                   device=out.device), out_bits)
-    return out.view(dtype)
+    res_bits = res.view(_INT_OF[dtype])
+    res = torch.where(torch.isnan(res), torch.full((), _CANONICAL_NAN[dtype], dtype=res_bits.dtype,
+                                                   device=res.device), res_bits)
+    out.copy_(res.view(dtype))
 
 
 # --------------------------------------------------------------------------------------------------
