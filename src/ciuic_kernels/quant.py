@@ -54,11 +54,12 @@ CODEC = "quant"
 # Kernel tiles hold TILE_ELEMENTS elements (GROUPS_PER_PROGRAM x group_size); see _settings.
 _TILE_ELEMENTS = TILE_ELEMENTS
 _NUM_WARPS = NUM_WARPS
-# On CPU a host read costs no device sync, so the reference branches on the data there (a chunk
+# On CPU a host read costs no device sync, so the reference branches on the data there (a tensor
 # without NaN/Inf skips the non-finite bookkeeping). The sync-counting tests turn this off to
 # check the branch-free path, which is what the reference runs on CUDA (where a read is a sync).
 _BRANCH_ON_CPU_DATA = True
-_CPU_CHUNK_ELEMENTS = 1 << 16  # 256 KB of fp32 per chunk: see _groups_per_chunk
+_CPU_CHUNK_ELEMENTS = 1 << 16  # the smallest CPU chunk (256 KB of fp32): see _groups_per_chunk
+_CPU_CHUNK_MAX_ELEMENTS = 1 << 20  # the largest (4 MB of fp32)
 # Decoded NaN is always the canonical quiet NaN of the output dtype (as an integer of its width).
 _INT_OF = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
@@ -133,12 +134,18 @@ def _add_uniforms_(y: torch.Tensor, seed: int, offset: int = 0) -> None:
 
 
 def _groups_per_chunk(num_groups: int, group: int, device: torch.device) -> int:
-    """How many groups the reference codecs process at once. On CPU a chunk of a few hundred KB
-    runs its ~20 elementwise passes in cache, several times faster than passes over the whole
-    tensor; groups are independent, so the bits are the same either way."""
+    """How many groups the reference codecs process at once. On CPU the work runs in chunks of a
+    quarter of the tensor, between ``_CPU_CHUNK_ELEMENTS`` and ``_CPU_CHUNK_MAX_ELEMENTS``
+    elements: the temporaries of a chunk (up to about 10 bytes per element of the chunk, so about
+    2.5 bytes per element of the tensor, and at most 10 MB) stay near or below the tensor's own
+    size, so encoding does not raise the memory peak it is there to lower much, while a
+    chunk stays large enough that the per-op cost of eager PyTorch (and of splitting the work
+    between threads) does not dominate (64K-element chunks made a 4-bit encode about 2x slower
+    than 256K-element ones). Groups are independent: the bits are the same for any chunking."""
     if device.type != "cpu":
         return max(num_groups, 1)
-    return max(_CPU_CHUNK_ELEMENTS // group, 1)
+    elements = min(max(num_groups * group // 4, _CPU_CHUNK_ELEMENTS), _CPU_CHUNK_MAX_ELEMENTS)
+    return max(elements // group, 1)
 
 
 def _pack_codes(q: torch.Tensor, bits: int, n: int) -> torch.Tensor:
