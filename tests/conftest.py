@@ -14,6 +14,22 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after). Checks that compare a run bit for bit
+    with a compiled baseline need it: on this CPU build, with two intra-op threads, two
+    ``torch.compile`` runs of the same model without ciuic (same weights, same batches, Inductor)
+    already differ in the last bits after about ten training steps; with one thread they agree bit
+    for bit. ``run.sh test`` gives each pytest-xdist worker one thread anyway (above); a plain
+    ``pytest`` run gets the same through this fixture."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _compression_off() -> None:
     import ciuic
     from ciuic.engine import _state

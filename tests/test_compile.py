@@ -34,17 +34,8 @@ transformers = pytest.importorskip("transformers")
 _INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """The bit-identity checks below need a reproducible baseline. On this CPU build, with two
-    intra-op threads, two ``torch.compile`` runs of the same model without ciuic (same weights,
-    same batches, Inductor) already differ in the last bits after about ten training steps; with
-    one thread they agree bit for bit, and "lossless" with them. ``run.sh test`` gives each
-    pytest-xdist worker one thread anyway (conftest); a plain ``pytest`` run gets the same here."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# Bit-identity under torch.compile needs one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _graph_breaks() -> int:

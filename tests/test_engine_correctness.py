@@ -553,6 +553,7 @@ def test_accelerator_free_memory_restores_the_model():
 # ----------------------------------------------------------------------------------------------
 # torch.compile: the eager engine is invisible to Dynamo and compresses at the compiled boundary
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.usefixtures("one_thread")  # "lossless" is compared bit for bit with the compiled baseline
 def test_compiled_model_runs_under_every_mode_without_graph_breaks():
     from torch._dynamo.utils import counters
 

@@ -137,3 +137,48 @@ def test_cost_and_error_model():
 )
 def test_classify(op, modules, shape, index, expected):
     assert classify(op, modules, torch.empty(shape), index) == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# group_ranges_sq_sum: the calibration statistic, in chunks
+# --------------------------------------------------------------------------------------------------
+
+
+def _ranges_sq_sum_unchunked(t: torch.Tensor, group_size: int) -> float:
+    """The definition, on the whole tensor at once (NaN/Inf count as 0, a partial last group is
+    padded with its last element)."""
+    flat = t.detach().reshape(-1).double()
+    pad = (-flat.numel()) % group_size
+    if pad:
+        flat = torch.cat([flat, flat[-1:].expand(pad)])
+    g = flat.view(-1, group_size)
+    g = torch.where(torch.isfinite(g), g, torch.zeros((), dtype=g.dtype))
+    return float((g.amax(1) - g.amin(1)).square().sum())
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 1000, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_group_ranges_sq_sum_in_chunks_matches_the_whole_tensor(monkeypatch, n, dtype):
+    from ciuic import policy
+
+    monkeypatch.setattr(policy, "_RANGE_CHUNK_ELEMENTS", {"cpu": 256})  # several chunks, a ragged tail
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
+    if n > 100:
+        x[17], x[300], x[n - 1] = float("nan"), float("inf"), float("-inf")
+    got = policy.group_ranges_sq_sum(x, GROUP)
+    assert got == pytest.approx(_ranges_sq_sum_unchunked(x, GROUP), rel=1e-6, abs=1e-12)
+
+
+def test_group_ranges_sq_sum_holds_no_fp32_copy_of_the_tensor():
+    """It runs in the forward of every (re)calibration pass: an fp32 copy of a bf16 activation
+    there raised the peak of a 300-step run at its re-calibration step. No op may allocate more
+    than a chunk's worth."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from ciuic import policy
+
+    x = torch.randn(1 << 20).to(torch.bfloat16)  # 4 MiB as fp32
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        policy.group_ranges_sq_sum(x, GROUP)
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert 0 < largest <= 4 * policy._RANGE_CHUNK_ELEMENTS["cpu"], largest

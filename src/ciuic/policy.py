@@ -244,19 +244,31 @@ def solve(sites: list[Site], budget_bytes: float, group_size: int) -> Plan:
                 feasible=total <= budget_bytes)
 
 
+# Elements per chunk of ``group_ranges_sq_sum``: its fp32 temporaries are bounded by the chunk, not
+# the tensor (it runs in the forward of a calibration pass, where every other activation is alive).
+_RANGE_CHUNK_ELEMENTS = {"cpu": 1 << 16}
+_RANGE_CHUNK_ELEMENTS_DEFAULT = 1 << 22  # off CPU: fewer launches, still at most 16 MB of fp32
+
+
 def group_ranges_sq_sum(t: torch.Tensor, group_size: int) -> float:
-    """Sum over quantization groups of (max - min)**2 over finite values (for error estimates)."""
-    flat = t.detach().reshape(-1).float()
+    """Sum over quantization groups of (max - min)**2 over finite values (for error estimates).
+
+    NaN/Inf count as 0. Runs in chunks of whole groups, so a calibration pass does not hold an
+    fp32 copy of the tensor beside everything else the forward keeps (a re-calibration pass set
+    the peak of a 300-step run that way)."""
+    flat = t.detach().reshape(-1)
     n = flat.numel()
     if n == 0:
         return 0.0
-    pad = (-n) % group_size
-    if pad:
-        flat = torch.cat([flat, flat[-1:].expand(pad)])
-    g = flat.view(-1, group_size)
-    finite = torch.isfinite(g)
-    if not bool(finite.all()):
-        g = torch.where(finite, g, torch.zeros((), dtype=g.dtype))
-    rng = g.amax(dim=1) - g.amin(dim=1)
-    value = float(rng.square().sum())
+    per_chunk = _RANGE_CHUNK_ELEMENTS.get(flat.device.type, _RANGE_CHUNK_ELEMENTS_DEFAULT)
+    chunk = max(per_chunk // group_size, 1) * group_size
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, n, chunk):
+        xs = flat[start:start + chunk]
+        pad = (-xs.numel()) % group_size
+        if pad:  # a copy of the last element: the partial group's range does not change
+            xs = torch.cat([xs, xs[-1:].expand(pad)])
+        g = torch.nan_to_num(xs.view(-1, group_size).float(), nan=0.0, posinf=0.0, neginf=0.0)
+        total += (g.amax(dim=1) - g.amin(dim=1)).square().sum(dtype=torch.float64)
+    value = float(total)
     return value if math.isfinite(value) else float("inf")

@@ -198,7 +198,10 @@ class Planner:
         def hook(grad: torch.Tensor) -> None:
             g = grad.detach()
             if g.numel():
-                energy = float(g.float().square().mean()) * g.shape[-1] if g.dim() else float(g.float().square())
+                # mean square via the fp32 norm: no fp32 copy of the gradient during backward
+                energy = float(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2 / g.numel()
+                if g.dim():
+                    energy *= g.shape[-1]
                 gradients[module] = gradients.get(module, 0.0) + energy
 
         output.register_hook(hook)
