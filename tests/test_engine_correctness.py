@@ -618,3 +618,33 @@ def test_a_repacked_tensor_moves_in_every_table():
     del a, b
     s = ciuic.stats()
     assert (s.live_before, s.live_after) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_calibration_statistics_in_every_codec_dtype(dtype):
+    """A calibration pass measures group ranges and module-output gradient energy in the model's own
+    dtype, then trains on its plan."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).to(dtype)
+    x = torch.randn(128, 64, dtype=dtype)
+    with ciuic.compression("4:1"):
+        for _ in range(3):  # calibration, then the solved plan
+            model(x).float().square().mean().backward()
+    assert ciuic.stats().passes >= 1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_gradient_energy_is_the_mean_square_times_the_last_dimension(dtype):
+    """The calibration's gradient weight of a module output: mean(g**2) * g.shape[-1], computed
+    without an fp32 copy of a low-precision gradient (and without narrowing an fp64 one)."""
+    from ciuic.config import CompressionConfig
+    from ciuic.engine.planner import Planner
+
+    planner = Planner(CompressionConfig.from_value("4:1"))
+    out = torch.randn(8, 32, dtype=dtype, requires_grad=True)
+    planner.watch_gradient("block", out)
+    grad = torch.randn(8, 32, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(grad)
+    expected = float(grad.double().square().mean()) * 32
+    assert planner._gradients["block"] == pytest.approx(expected, rel=1e-5)

@@ -262,13 +262,13 @@ def group_ranges_sq_sum(t: torch.Tensor, group_size: int) -> float:
         return 0.0
     per_chunk = _RANGE_CHUNK_ELEMENTS.get(flat.device.type, _RANGE_CHUNK_ELEMENTS_DEFAULT)
     chunk = max(per_chunk // group_size, 1) * group_size
-    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    total = torch.zeros((), dtype=torch.float32, device=flat.device)
     for start in range(0, n, chunk):
         xs = flat[start:start + chunk]
         pad = (-xs.numel()) % group_size
         if pad:  # a copy of the last element: the partial group's range does not change
             xs = torch.cat([xs, xs[-1:].expand(pad)])
         g = torch.nan_to_num(xs.view(-1, group_size).float(), nan=0.0, posinf=0.0, neginf=0.0)
-        total += (g.amax(dim=1) - g.amin(dim=1)).square().sum(dtype=torch.float64)
+        total += (g.amax(dim=1) - g.amin(dim=1)).square().sum()
     value = float(total)
     return value if math.isfinite(value) else float("inf")

@@ -198,8 +198,10 @@ class Planner:
         def hook(grad: torch.Tensor) -> None:
             g = grad.detach()
             if g.numel():
-                # mean square via the fp32 norm: no fp32 copy of the gradient during backward
-                energy = float(torch.linalg.vector_norm(g, dtype=torch.float32)) ** 2 / g.numel()
+                # mean square via the norm, accumulated in fp32 at least: no fp32 copy of a
+                # low-precision gradient during backward
+                wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
+                energy = float(torch.linalg.vector_norm(g, dtype=wide)) ** 2 / g.numel()
                 if g.dim():
                     energy *= g.shape[-1]
                 gradients[module] = gradients.get(module, 0.0) + energy
