@@ -217,14 +217,14 @@ def _chunks(num_groups: int, group: int, n: int, device: torch.device):
         yield g0, g1, g0 * group, min(g1 * group, n)
 
 
-def _padded_groups(flat: torch.Tensor, g0: int, g1: int, start: int, stop: int, group: int) -> torch.Tensor:
-    """Elements ``start:stop`` of ``flat`` as ``(g1 - g0, group)``; a partial last group is padded
-    with a copy of its last element (its min, max and non-finite flag do not change)."""
-    xs = flat[start:stop]
-    pad = (g1 - g0) * group - xs.numel()
+def _padded_groups(xs: torch.Tensor, num_groups: int, group: int) -> torch.Tensor:
+    """The flat elements ``xs`` of ``num_groups`` whole groups as ``(num_groups, group)``; a partial
+    last group is padded with a copy of its last element, which is already in that group, so the
+    group's min, max and non-finite flag do not change (callers zero the padded codes)."""
+    pad = num_groups * group - xs.numel()
     if pad:
         xs = torch.cat([xs, xs[-1:].expand(pad)])
-    return xs.view(g1 - g0, group)
+    return xs.view(num_groups, group)
 
 
 def _encode_finite(flat: torch.Tensor, spec: QuantSpec, seed: int, payload: torch.Tensor, minimum: torch.Tensor,
@@ -243,7 +243,7 @@ def _encode_finite(flat: torch.Tensor, spec: QuantSpec, seed: int, payload: torc
     mn = torch.empty(num_groups, dtype=torch.float32, device=flat.device)
     mx = torch.empty_like(mn)
     for g0, g1, start, stop in chunks:
-        xg = _padded_groups(flat, g0, g1, start, stop, group).to(torch.float32)
+        xg = _padded_groups(flat[start:stop], g1 - g0, group).to(torch.float32)
         torch.amin(xg, 1, out=mn[g0:g1])
         torch.amax(xg, 1, out=mx[g0:g1])
     mn_b = _round_down_to_bf16(mn)
@@ -257,7 +257,7 @@ def _encode_finite(flat: torch.Tensor, spec: QuantSpec, seed: int, payload: torc
     # Pass 2: the codes. x - mn_b in fp32 (a bf16/fp16 x is promoted exactly), then in place:
     # fresh buffers cost page faults on CPU.
     for g0, g1, start, stop in chunks:
-        y = torch.sub(_padded_groups(flat, g0, g1, start, stop, group), mn_b[g0:g1, None]).div_(s[g0:g1, None])
+        y = torch.sub(_padded_groups(flat[start:stop], g1 - g0, group), mn_b[g0:g1, None]).div_(s[g0:g1, None])
         _round_codes_(y, spec, seed, start)
         q = y.clamp_(0, qmax).view(-1)
         if q.numel() > stop - start:
@@ -273,10 +273,7 @@ def _encode_groups(chunk: torch.Tensor, num_groups: int, spec: QuantSpec, seed: 
     qmax = (1 << bits) - 1
     n = chunk.numel()
     pad = num_groups * group - n
-    xf = chunk.to(torch.float32)
-    # Pad with a copy of the last element: it is already in the last group, so the group's
-    # min, max and non-finite flag do not change; padded codes are zeroed below.
-    xg = (torch.cat([xf, xf[-1:].expand(pad)]) if pad else xf).view(num_groups, group)
+    xg = _padded_groups(chunk, num_groups, group).to(torch.float32)  # padded codes are zeroed below
     finite = torch.isfinite(xg)
     # min/max over the finite values: one nan_to_num pass each sends NaN/Inf out of the reduction
     inf = float("inf")
