@@ -48,6 +48,28 @@ def test_import_ciuic_imports_no_framework_and_missing_ones_name_their_extra():
         assert f"pip install 'ciuic[{extra}]'" in line
 
 
+@pytest.mark.parametrize("module", ["ciuic_integrations", "ciuic_integrations.lightning",
+                                    "ciuic_integrations.accelerate", "ciuic_integrations.transformers",
+                                    "ciuic_integrations._hf_lm_head"])
+def test_an_integration_imported_before_ciuic_leaves_ciuic_imported_and_registered(module):
+    # `from ciuic_integrations.transformers import CiuicTrainingArguments` as a script's first line
+    # once failed with a circular import (ciuic's __init__ registers a preparer from _hf_lm_head).
+    result = python(
+        f"""
+        import json, sys
+        import {module}
+        import ciuic
+        from ciuic_integrations._hf_lm_head import prepare_model
+        import lightning
+        from lightning.pytorch.strategies import StrategyRegistry
+        print(json.dumps([prepare_model in ciuic._model_preparers, "ciuic_4:1" in StrategyRegistry,
+                          callable(ciuic.compression)]))
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [True, True, True]
+
+
 @pytest.mark.parametrize("value, expected", [
     (None, None), ("off", None), ("  none ", None), ("", None), (False, None),
     ("4:1", "4:1"), (" 8:1 ", "8:1"),

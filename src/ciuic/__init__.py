@@ -200,7 +200,9 @@ def _register_integrations() -> None:
     # Model preparers (the lean LM head of Hugging Face causal LMs) register the same way.
     try:
         from ciuic_integrations import _register_lazy
-    except ImportError:  # a partial install without the integrations package
+    except ModuleNotFoundError as error:  # a partial install without the integrations package
+        if error.name != "ciuic_integrations":
+            raise
         return
     _register_lazy()
 

@@ -130,3 +130,9 @@ def _register_lazy() -> None:
 
 
 __all__: list[str] = []
+
+# A first import of a submodule (``from ciuic_integrations.transformers import ...`` before any
+# ``import ciuic``) must leave ciuic fully imported and registered, the same as ``import ciuic``
+# first. This runs last, once ``_register_lazy`` exists: ``import ciuic`` calls it, and its
+# ``_hf_lm_head`` import then finds ``ciuic`` already defining everything it uses.
+import ciuic  # noqa: E402,F401
