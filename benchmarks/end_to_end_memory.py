@@ -13,6 +13,9 @@ Configurations (each runs in its own fresh process, so one never sees the other'
              fused into backward (``ciuic.optim.fuse_into_backward``: no full set of gradients),
              saved activations at 4:1 (``ciuic.compression("4:1", model=model)``, which also turns
              on the memory-lean LM head), bf16 autocast
+  activations_only   (ablation) the baseline with saved activations at 4:1 (``ciuic.compression``)
+  optimizer_only     (ablation) ciuic's optimizer side alone: bf16 weights + stochastic rounding,
+             4-bit AdamW, fused update, activations uncompressed
 
 Both compute the loss as ``model(input_ids, labels=input_ids).loss`` (Hugging Face's shifted
 causal-LM loss), lr 1e-3, betas (0.9, 0.999), weight decay 0.01, no gradient clipping.
@@ -50,6 +53,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONFIGS = ("baseline", "ciuic")
+# ablations: which part of "everything on" moves the loss (run with --configs; not in the default pair)
+ABLATIONS = ("activations_only", "optimizer_only")
 FRAMEWORK_RUNS = ("lightning_baseline", "lightning_ciuic", "hf_baseline", "hf_ciuic")
 MEMORY_TARGET, LOSS_TARGET = 3.0, 0.02
 
@@ -152,27 +157,28 @@ def run_config(name: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     train, held_out = byte_splits(2_000_000)
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(1 + args.seed)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     gc.collect()
     rss_before, heap_before = rss_bytes(), HeapSampler().now()
 
-    model = tiny_llama(seed=0, **_model_config(args))
+    model = tiny_llama(seed=args.seed, **_model_config(args))
     parameters = sum(p.numel() for p in model.parameters())
     model.train()
     engine = None
     handle = None
-    if name == "baseline":
+    if name in ("baseline", "activations_only"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     else:
         model.to(torch.bfloat16)
         optimizer = AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, state_bits=4,
                           bf16_stochastic_round=True)
         handle = fuse_into_backward(optimizer)
+    if name in ("ciuic", "activations_only"):
         engine = ciuic.compression("4:1", model=model)
 
     measure = set(range(args.measure_from, args.measure_from + args.measure))
-    record: dict = {"config": name, "parameters": parameters, "train_losses": [], "steps": args.steps,
+    record: dict = {"config": name, "seed": args.seed, "parameters": parameters, "train_losses": [], "steps": args.steps,
                     "peak_rss_step": [], "peak_heap_step": []}
     start = time.perf_counter()
     for step in range(args.steps):
@@ -185,7 +191,7 @@ def run_config(name: str, args) -> dict:
         if engine is not None:
             engine.__enter__()
         try:
-            if name == "baseline" and step == args.measure_from:
+            if engine is None and step == args.measure_from:
                 with SavedTensorMeter() as meter, autocast:
                     loss = model(input_ids=x, labels=x).loss
                 record["saved_activation_bytes"] = meter.bytes
@@ -244,7 +250,11 @@ def run_framework(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     steps = args.framework_steps
     tokens = _token_dataset(args, args.batch * steps)
-    # the framework is imported before the pre-model readings (its import is not training memory)
+    # the framework and the model's code are imported before the pre-model readings, as in
+    # run_config (an import is not training memory; transformers' LLaMA modules alone hold ~5 MiB of
+    # heap, which the framework rows before 2026-11-26 counted as part of every step's peak)
+    import ciuic_integrations._hf_lm_head  # noqa: F401  (what the lean LM head imports)
+    import transformers.models.llama.modeling_llama  # noqa: F401
     if name.startswith("lightning"):
         import lightning  # noqa: F401
 
@@ -352,7 +362,7 @@ def run_framework(name: str, args) -> dict:
 # Driver
 # ------------------------------------------------------------------------------------------------
 def _child(kind: str, name: str, args, argv: list[str]) -> dict:
-    out = os.path.join(RESULTS, f".e2e_{name}.json")
+    out = os.path.join(RESULTS, f".e2e_{name}.{os.getpid()}.json")  # drivers may run side by side
     command = [sys.executable, os.path.abspath(__file__), *argv, f"--{kind}", name, "--out", out]
     print(f"running {name} ...", file=sys.stderr, flush=True)
     subprocess.run(command, check=True)
@@ -443,6 +453,28 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _store_ablation(args, configs: list[str], argv: list[str], shape: dict) -> None:
+    """Ablations and other seeds go to their own file (end_to_end_memory_ablation.json), one entry
+    per ``"<config> seed <seed>"``, merged with the entries already there for the same model."""
+    from _common import git_revision, result_key, write_json
+
+    path = os.path.join(RESULTS, "end_to_end_memory_ablation.json")
+    for name in configs:
+        run = _child("worker", name, args, argv)
+        run.update(git_revision=git_revision(), date=time.strftime("%Y-%m-%d"),
+                   command="python benchmarks/end_to_end_memory.py " + " ".join(sys.argv[1:]))
+        print(f"{name} seed {args.seed}: eval loss {run['eval_loss']:.4f}, peak heap "
+              f"{run['peak_heap'] / 2**20:.1f} MiB, {run['seconds']:.0f}s", flush=True)
+        stored: dict = {}  # read again after each run: another driver may have added its own
+        if os.path.exists(path):
+            with open(path) as f:
+                stored = json.load(f).get(result_key("cpu"), {})
+        same = (stored.get("model"), stored.get("shape"), stored.get("steps")) == (
+            shape["model"], shape["shape"], args.steps)
+        runs = {**(stored.get("runs", {}) if same else {}), f"{name} seed {args.seed}": run}
+        write_json(path, result_key("cpu"), {**shape, "steps": args.steps, "lr": args.lr, "runs": runs})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -453,6 +485,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="model init seed; the batch order uses seed + 1 (0: the recorded runs)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--measure-from", type=int, default=3)
     parser.add_argument("--measure", type=int, default=3)
@@ -465,10 +499,11 @@ def main() -> None:
     parser.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md section of the stored report")
     parser.add_argument("--merge-only", action="store_true",
                         help="add the stored framework rows to the stored report, run nothing")
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"comma-separated, from {', '.join(CONFIGS + ABLATIONS)}")
     parser.add_argument("--framework-runs", default=",".join(FRAMEWORK_RUNS), help="with --frameworks-only")
     parser.add_argument("--progress", action="store_true")
-    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=CONFIGS + ABLATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--framework", choices=FRAMEWORK_RUNS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -511,7 +546,14 @@ def main() -> None:
         args.steps, args.lr = previous["steps"], previous["lr"]
         frameworks = {}
     else:
-        runs = {name: _child("worker", name, args, argv) for name in args.configs.split(",")}
+        configs = args.configs.split(",")
+        unknown = [c for c in configs if c not in CONFIGS + ABLATIONS]
+        if unknown:
+            parser.error(f"--configs: unknown {', '.join(unknown)}; allowed: {', '.join(CONFIGS + ABLATIONS)}")
+        if args.seed != 0 or not set(configs) <= set(CONFIGS):
+            _store_ablation(args, configs, argv, shape)
+            return
+        runs = {name: _child("worker", name, args, argv) for name in configs}
         frameworks = {} if args.no_frameworks else {name: _child("framework", name, args, argv)
                                                    for name in FRAMEWORK_RUNS}
     side: dict = {}
