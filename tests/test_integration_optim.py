@@ -316,6 +316,9 @@ def test_hf_fused_update_with_bf16_weights(tmp_path):
     tensors = len([p for p in model.parameters() if p.requires_grad])
     assert counts == [tensors * (i + 1) for i in range(12)]
     assert decreased(losses)
+    # the logged grad_norm is the fused gradients' norm (the Trainer alone would find none: 0)
+    norms = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    assert len(norms) == 12 and all(0 < n < float("inf") for n in norms), norms
     assert "step" not in optimizer.__dict__ and not hasattr(trainer, "_ciuic_fused")
 
 

@@ -148,3 +148,40 @@ def test_gradient_accumulation_is_detected_with_a_clear_error():
         fuse_into_backward(AdamW(_model().parameters()), accumulation_steps=4)
     with pytest.raises(TypeError, match="needs a torch.optim.Optimizer"):
         fuse_into_backward(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tracked_grad_norm_equals_the_unfused_total_norm_each_step(dtype):
+    # Two copies trained in lockstep (the fused and unfused torch AdamW give the same weights):
+    # before each step the unfused copy's gradients give the reference norm, computed by torch.
+    fused_model, plain_model = _model().to(dtype), _model().to(dtype)
+    fused_opt = torch.optim.AdamW(fused_model.parameters(), lr=1e-2, foreach=False)
+    plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, foreach=False)
+    handle = fuse_into_backward(fused_opt, track_grad_norm=True)
+    assert float(handle.grad_norm()) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for x, y in _batches(5):
+            x = x.to(dtype)
+            plain_opt.zero_grad(set_to_none=True)
+            _loss(plain_model, x, y).backward()
+            expected = torch.nn.utils.get_total_norm([p.grad.float() for p in plain_model.parameters()])
+            plain_opt.step()
+            _loss(fused_model, x, y).backward()
+            assert all(p.grad is None for p in fused_model.parameters())
+            torch.testing.assert_close(handle.grad_norm(), expected, rtol=1e-5, atol=0)
+            fused_opt.step()  # the next backward starts a new sum
+            assert float(handle.grad_norm()) == 0.0
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    handle.remove()
+
+
+def test_grad_norm_without_tracking_says_how_to_turn_it_on():
+    model = _model()
+    handle = fuse_into_backward(torch.optim.AdamW(model.parameters()))
+    with pytest.raises(RuntimeError, match="track_grad_norm=True"):
+        handle.grad_norm()
+    handle.remove()
+    with pytest.raises(TypeError, match="track_grad_norm='yes' is not valid; allowed: True, False"):
+        fuse_into_backward(torch.optim.AdamW(model.parameters()), track_grad_norm="yes")

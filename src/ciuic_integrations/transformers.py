@@ -29,7 +29,9 @@ or ``adamw_torch_fused``, the default, with ``--learning_rate``, ``--adam_beta1/
 ``ciuic.optim.AdamW(state_bits=8|4)`` with the same settings (bf16 parameters get stochastic
 rounding: no fp32 master copy); another ``--optim`` raises TypeError. ``--ciuic_fuse_update``
 updates each parameter inside backward and frees its gradient; it needs ``--max_grad_norm 0``,
-``--gradient_accumulation_steps 1``, no ``--fp16`` and one process (ValueError otherwise).
+``--gradient_accumulation_steps 1``, no ``--fp16`` and one process (ValueError otherwise). The
+logged ``grad_norm`` is then the norm of the gradients the fused updates applied (taken before each
+is freed), not 0.
 
 For a trainer class you cannot swap (e.g. a TRL trainer), ``CiuicCallback`` does the same with any
 ``Trainer``: ``trainer.add_callback(CiuicCallback("4:1"))`` (or ``CiuicCallback()`` to follow
@@ -169,9 +171,18 @@ class CiuicTrainer(Trainer):
         if self.ciuic_fuse_update and getattr(optimizer, "_ciuic_fused_handle", None) is None:
             from ciuic.optim import fuse_into_backward
 
-            self._ciuic_fused = fuse_into_backward(optimizer)
+            self._ciuic_fused = fuse_into_backward(optimizer, track_grad_norm=True)
             self._ciuic_fused._warned = True  # the Trainer calls optimizer.step(): expected
         return optimizer
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # The Trainer logs `grad_norm` from the gradients it finds before optimizer.step(); with
+        # the update fused into backward they are already freed, and it would log 0 every step.
+        # The fused hooks took each gradient's norm before freeing it: report that instead.
+        handle = getattr(self, "_ciuic_fused", None)
+        if grad_norm is None and handle is not None and handle.active:
+            return handle.grad_norm()
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.ciuic_config is None:

@@ -20,16 +20,34 @@ class FusedBackwardHandle:
     """What ``fuse_into_backward`` returns: ``.remove()`` (or leaving a ``with`` block) undoes it.
 
     Attributes: ``optimizer``; ``updates`` (parameter updates run in backward so far).
+    With ``fuse_into_backward(..., track_grad_norm=True)``, ``grad_norm()`` gives the global norm
+    of the gradients applied since the last ``optimizer.step()``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, track_grad_norm: bool = False) -> None:
         self.optimizer = optimizer
         self.updates = 0
         self.active = True
+        self.track_grad_norm = track_grad_norm
+        self._norms: list[torch.Tensor] = []  # per-parameter gradient norms since the last step()
         self._hooks: list[Any] = []
         self._since_step: dict[int, int] = {}  # parameter id -> updates since the last optimizer.step()
         self._warned = False
         self._step_attr: Any = None
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of the gradients the fused updates applied since the last
+        ``optimizer.step()`` (what ``torch.nn.utils.clip_grad_norm_(params, max_norm=inf)`` would return
+        before the step without fusing, but each parameter's norm taken in fp32 for fp16/bf16
+        gradients): a 0-dim tensor on the first gradient's device, 0 when none was applied yet.
+        Reading it does not synchronize a GPU. Needs ``track_grad_norm=True``."""
+        if not self.track_grad_norm:
+            raise RuntimeError("grad_norm() needs fuse_into_backward(optimizer, track_grad_norm=True): the gradients "
+                               "are freed inside backward, so their norm is only known if it is taken there")
+        if not self._norms:
+            return torch.zeros(())
+        device = self._norms[0].device
+        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in self._norms]))
 
     def remove(self) -> None:
         """Unregister the hooks and give ``optimizer.step`` back its normal behaviour."""
@@ -71,7 +89,8 @@ def _update_one(optimizer: torch.optim.Optimizer, p: torch.Tensor, group_index: 
             g["params"] = params
 
 
-def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: int = 1) -> FusedBackwardHandle:
+def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: int = 1,
+                       track_grad_norm: bool = False) -> FusedBackwardHandle:
     """Run ``optimizer``'s update of each parameter inside ``backward()``, as soon as that
     parameter's gradient is accumulated, and free the gradient right after: at most about two
     parameters' gradients are alive during backward instead of all of them.
@@ -98,6 +117,10 @@ def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: 
     ``accumulation_steps`` other than 1 raises ``ValueError`` (low-bit accumulation buffers are not
     implemented).
 
+    ``track_grad_norm=True`` takes each gradient's norm before it is freed (one reduction per
+    parameter), so that ``handle.grad_norm()`` can report the global gradient norm for logging
+    (the Hugging Face Trainer's ``grad_norm`` uses it); it cannot clip.
+
     Returns a ``FusedBackwardHandle``; ``handle.remove()`` restores the normal behaviour.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -109,7 +132,9 @@ def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: 
         )
     if getattr(optimizer, "_ciuic_fused_handle", None) is not None:
         raise RuntimeError("this optimizer is already fused into backward; call handle.remove() first")
-    handle = FusedBackwardHandle(optimizer)
+    if not isinstance(track_grad_norm, bool):
+        raise TypeError(f"track_grad_norm={track_grad_norm!r} is not valid; allowed: True, False")
+    handle = FusedBackwardHandle(optimizer, track_grad_norm)
     seen: set[int] = set()
     for index, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
@@ -120,6 +145,10 @@ def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: 
             def hook(param: torch.Tensor, index: int = index) -> None:
                 if not handle.active or param.grad is None:
                     return
+                if handle.track_grad_norm:
+                    grad = param.grad
+                    low = grad.dtype in (torch.float16, torch.bfloat16)
+                    handle._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32 if low else None))
                 _update_one(optimizer, param, index)
                 param.grad = None
                 handle.updates += 1
@@ -137,6 +166,7 @@ def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: 
                 loss = closure()
         repeated = max(handle._since_step.values(), default=0)
         handle._since_step.clear()
+        handle._norms.clear()
         if repeated > 1:
             raise RuntimeError(
                 f"a parameter was updated {repeated} times since the previous optimizer.step(): with the update "
