@@ -16,6 +16,10 @@ Configurations (each runs in its own fresh process, so one never sees the other'
   activations_only   (ablation) the baseline with saved activations at 4:1 (``ciuic.compression``)
   optimizer_only     (ablation) ciuic's optimizer side alone: bf16 weights + stochastic rounding,
              4-bit AdamW, fused update, activations uncompressed
+  bf16_weights_only  (ablation) bf16 weights + stochastic rounding, fp32 moments
+             (``ciuic.optim.AdamW(state_bits=32, ...)``), fused update, activations uncompressed
+  state4_only        (ablation) fp32 weights, 4-bit moments, update after backward, activations
+             uncompressed, bf16 autocast
 
 Both compute the loss as ``model(input_ids, labels=input_ids).loss`` (Hugging Face's shifted
 causal-LM loss), lr 1e-3, betas (0.9, 0.999), weight decay 0.01, no gradient clipping.
@@ -54,7 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 CONFIGS = ("baseline", "ciuic")
 # ablations: which part of "everything on" moves the loss (run with --configs; not in the default pair)
-ABLATIONS = ("activations_only", "optimizer_only")
+ABLATIONS = ("activations_only", "optimizer_only", "bf16_weights_only", "state4_only")
 FRAMEWORK_RUNS = ("lightning_baseline", "lightning_ciuic", "hf_baseline", "hf_ciuic")
 MEMORY_TARGET, LOSS_TARGET = 3.0, 0.02
 
@@ -169,10 +173,12 @@ def run_config(name: str, args) -> dict:
     handle = None
     if name in ("baseline", "activations_only"):
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    elif name == "state4_only":
+        optimizer = AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, state_bits=4)
     else:
         model.to(torch.bfloat16)
-        optimizer = AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, state_bits=4,
-                          bf16_stochastic_round=True)
+        optimizer = AdamW(model.parameters(), lr=args.lr, weight_decay=0.01,
+                          state_bits=32 if name == "bf16_weights_only" else 4, bf16_stochastic_round=True)
         handle = fuse_into_backward(optimizer)
     if name in ("ciuic", "activations_only"):
         engine = ciuic.compression("4:1", model=model)
