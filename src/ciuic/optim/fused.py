@@ -29,7 +29,7 @@ class FusedBackwardHandle:
         self.updates = 0
         self.active = True
         self.track_grad_norm = track_grad_norm
-        self._norms: list[torch.Tensor] = []  # per-parameter gradient norms since the last step()
+        self._square_sum: torch.Tensor | None = None  # sum of squared gradient norms since the last step()
         self._hooks: list[Any] = []
         self._since_step: dict[int, int] = {}  # parameter id -> updates since the last optimizer.step()
         self._warned = False
@@ -44,10 +44,7 @@ class FusedBackwardHandle:
         if not self.track_grad_norm:
             raise RuntimeError("grad_norm() needs fuse_into_backward(optimizer, track_grad_norm=True): the gradients "
                                "are freed inside backward, so their norm is only known if it is taken there")
-        if not self._norms:
-            return torch.zeros(())
-        device = self._norms[0].device
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in self._norms]))
+        return torch.zeros(()) if self._square_sum is None else self._square_sum.sqrt()
 
     def remove(self) -> None:
         """Unregister the hooks and give ``optimizer.step`` back its normal behaviour."""
@@ -146,9 +143,11 @@ def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: 
                 if not handle.active or param.grad is None:
                     return
                 if handle.track_grad_norm:
-                    grad = param.grad
+                    grad = param.grad.detach()
                     low = grad.dtype in (torch.float16, torch.bfloat16)
-                    handle._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32 if low else None))
+                    square = torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None).square()
+                    total = handle._square_sum
+                    handle._square_sum = square if total is None else total + square.to(total.device)
                 _update_one(optimizer, param, index)
                 param.grad = None
                 handle.updates += 1
@@ -166,7 +165,7 @@ def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: 
                 loss = closure()
         repeated = max(handle._since_step.values(), default=0)
         handle._since_step.clear()
-        handle._norms.clear()
+        handle._square_sum = None
         if repeated > 1:
             raise RuntimeError(
                 f"a parameter was updated {repeated} times since the previous optimizer.step(): with the update "
