@@ -592,8 +592,9 @@ def main() -> None:
         }
     for pair in (("lightning_baseline", "lightning_ciuic"), ("hf_baseline", "hf_ciuic")):
         if all(p in frameworks for p in pair):
-            report.setdefault("summary", {})[f"{pair[0].split('_')[0]}_peak_rss_ratio"] = (
-                frameworks[pair[0]]["peak_rss"] / frameworks[pair[1]]["peak_rss"])
+            for meter in ("peak_rss", "peak_heap"):
+                report.setdefault("summary", {})[f"{pair[0].split('_')[0]}_{meter}_ratio"] = (
+                    frameworks[pair[0]][meter] / frameworks[pair[1]][meter])
     if args.merge_only:
         report.update({k: previous[k] for k in ("date", "git_revision", "command", "model", "shape", "threads")
                        if k in previous})
