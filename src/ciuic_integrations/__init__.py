@@ -21,6 +21,7 @@ framework. The frameworks are optional extras: ``pip install 'ciuic[lightning]'`
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import sys
 import threading
@@ -135,4 +136,4 @@ __all__: list[str] = []
 # ``import ciuic``) must leave ciuic fully imported and registered, the same as ``import ciuic``
 # first. This runs last, once ``_register_lazy`` exists: ``import ciuic`` calls it, and its
 # ``_hf_lm_head`` import then finds ``ciuic`` already defining everything it uses.
-import ciuic  # noqa: E402,F401
+importlib.import_module("ciuic")
