@@ -35,12 +35,16 @@ The framework rows run the same model and config for a few steps through Lightni
 (``Trainer(strategy=CiuicStrategy(optimizer="adamw4bit", fuse_update=True), precision="bf16-true")``
 vs ``Trainer(precision="bf16-mixed")`` with ``torch.optim.AdamW``) and through the Hugging Face
 ``Trainer`` (``CiuicTrainingArguments(ciuic="4:1", ciuic_optim="adamw4bit", ciuic_fuse_update=True)``
-with the model in bf16 vs ``TrainingArguments(bf16=True)`` with fp32 weights), peak RSS only.
+with the model in bf16 vs ``TrainingArguments(bf16=True)`` with fp32 weights), with the same two
+meters; every worker imports the framework and the model's code before its pre-model readings.
 
     python benchmarks/end_to_end_memory.py                       # 300 steps + framework rows
     python benchmarks/end_to_end_memory.py --steps 20 --no-frameworks   # quick look
+    python benchmarks/end_to_end_memory.py --configs state4_only,optimizer_only   # ablations
+    python benchmarks/end_to_end_memory.py --configs baseline,ciuic --seed 1      # another seed
 
-Writes ``benchmarks/results/end_to_end_memory.json`` (keyed by device and versions) and a PNG.
+Writes ``benchmarks/results/end_to_end_memory.json`` (keyed by device and versions) and a PNG;
+ablations and seeds other than 0 go to ``end_to_end_memory_ablation.json``.
 """
 
 from __future__ import annotations
