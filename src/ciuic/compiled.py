@@ -77,6 +77,8 @@ import torch
 import torch._functorch.config
 import torch.fx
 
+from ciuic_kernels.quant import _padded_groups
+
 from . import policy
 
 __all__ = ["MODES", "FILTERING_MODE", "InlineOptions", "inline", "hooks", "decisions", "packed_nbytes"]
@@ -157,10 +159,7 @@ def _encode(flat: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, to
     qmax = (1 << bits) - 1
     num_groups = (n + group - 1) // group
     pad = num_groups * group - n
-    xf = flat.to(torch.float32)
-    if pad:
-        xf = torch.cat([xf, xf[-1:].expand(pad)])
-    xg = xf.view(num_groups, group)
+    xg = _padded_groups(flat, num_groups, group).to(torch.float32)
     finite = torch.isfinite(xg)
     mn = torch.where(finite, xg, math.inf).amin(1)
     mx = torch.where(finite, xg, -math.inf).amax(1)

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ciuic_kernels.quant import _padded_groups
+
 EXACT = 0  # "level" meaning: keep the tensor as it is
 
 # class -> allowed levels, most precise first
@@ -265,10 +267,16 @@ def group_ranges_sq_sum(t: torch.Tensor, group_size: int) -> float:
     total = torch.zeros((), dtype=torch.float32, device=flat.device)
     for start in range(0, n, chunk):
         xs = flat[start:start + chunk]
-        pad = (-xs.numel()) % group_size
-        if pad:  # a copy of the last element: the partial group's range does not change
-            xs = torch.cat([xs, xs[-1:].expand(pad)])
-        g = torch.nan_to_num(xs.view(-1, group_size).float(), nan=0.0, posinf=0.0, neginf=0.0)
+        groups = _padded_groups(xs, -(-xs.numel() // group_size), group_size)  # the codec's padding
+        g = torch.nan_to_num(groups.float(), nan=0.0, posinf=0.0, neginf=0.0)
         total += (g.amax(dim=1) - g.amin(dim=1)).square().sum()
     value = float(total)
     return value if math.isfinite(value) else float("inf")
+
+
+def wide_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of ``t`` (0-dim tensor), accumulated in fp32 for fp16/bf16 tensors (without an fp32
+    copy of them) and in the tensor's own dtype otherwise (fp64 stays fp64). The gradient
+    statistics (the planner's energy, the fused optimizer's gradient norm) all use it."""
+    wide = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(t, dtype=wide)

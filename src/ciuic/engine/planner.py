@@ -27,7 +27,7 @@ import torch
 from ciuic_kernels._pool import PackPool
 
 from ..config import CompressionConfig
-from ..policy import CLASS_LEVELS, EXACT, Plan, Site, solve
+from ..policy import CLASS_LEVELS, EXACT, Plan, Site, solve, wide_norm
 from . import stats as _stats
 from .tracking import note_saved
 
@@ -198,10 +198,8 @@ class Planner:
         def hook(grad: torch.Tensor) -> None:
             g = grad.detach()
             if g.numel():
-                # mean square via the norm, accumulated in fp32 at least: no fp32 copy of a
-                # low-precision gradient during backward
-                wide = torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None
-                energy = float(torch.linalg.vector_norm(g, dtype=wide)) ** 2 / g.numel()
+                # mean square via the norm: no fp32 copy of a low-precision gradient in backward
+                energy = float(wide_norm(g)) ** 2 / g.numel()
                 if g.dim():
                     energy *= g.shape[-1]
                 gradients[module] = gradients.get(module, 0.0) + energy

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..policy import wide_norm
 from .adamw import AdamW
 
 
@@ -143,9 +144,7 @@ def fuse_into_backward(optimizer: torch.optim.Optimizer, *, accumulation_steps: 
                 if not handle.active or param.grad is None:
                     return
                 if handle.track_grad_norm:
-                    grad = param.grad.detach()
-                    low = grad.dtype in (torch.float16, torch.bfloat16)
-                    square = torch.linalg.vector_norm(grad, dtype=torch.float32 if low else None).square()
+                    square = wide_norm(param.grad.detach()).square()
                     total = handle._square_sum
                     handle._square_sum = square if total is None else total + square.to(total.device)
                 _update_one(optimizer, param, index)
