@@ -50,7 +50,6 @@ ablations and seeds other than 0 go to ``end_to_end_memory_ablation.json``.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -150,6 +149,14 @@ def _eval_loss(model, held_out, args, autocast) -> float:
     return sum(losses) / len(losses)
 
 
+def _import_model_code() -> None:
+    """Import what building and preparing the model imports, before the pre-model readings: an
+    import's heap stays for the life of the process and is not training memory (transformers' LLaMA
+    modules alone hold ~5 MiB; the framework rows before 2026-11-26 counted it in every step's peak)."""
+    import ciuic_integrations._hf_lm_head  # noqa: F401  (what compression(model=...) imports)
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+
 def run_config(name: str, args) -> dict:
     import gc
 
@@ -160,9 +167,7 @@ def run_config(name: str, args) -> dict:
     from ciuic.memory import SavedTensorMeter
     from ciuic.optim import AdamW, fuse_into_backward, state_nbytes
 
-    import ciuic_integrations._hf_lm_head  # noqa: F401  (what compression(model=...) imports)
-    import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the pre-model readings)
-
+    _import_model_code()  # before the pre-model readings
     torch.set_num_threads(args.threads)
     train, held_out = byte_splits(2_000_000)
     generator = torch.Generator().manual_seed(1 + args.seed)
@@ -260,11 +265,7 @@ def run_framework(name: str, args) -> dict:
     torch.set_num_threads(args.threads)
     steps = args.framework_steps
     tokens = _token_dataset(args, args.batch * steps)
-    # the framework and the model's code are imported before the pre-model readings, as in
-    # run_config (an import is not training memory; transformers' LLaMA modules alone hold ~5 MiB of
-    # heap, which the framework rows before 2026-11-26 counted as part of every step's peak)
-    import ciuic_integrations._hf_lm_head  # noqa: F401  (what the lean LM head imports)
-    import transformers.models.llama.modeling_llama  # noqa: F401
+    _import_model_code()  # and the framework, below: neither import is training memory
     if name.startswith("lightning"):
         import lightning  # noqa: F401
 
